@@ -1,0 +1,43 @@
+# vllm-wideep developer commands. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= .cache/demo
+
+.PHONY: install demo test test-quick test-slow lint bench clean
+
+# Returns at once when the venv is up to date with pyproject.toml and the repair script.
+install: $(STAMP)
+
+$(STAMP): pyproject.toml tools/fix_cpu_venv.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.13.0+cpu first: pip takes the CPU build that lies on this disk.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) tools/fix_cpu_venv.py
+	$(PY) -c "import vllm, vllm_wideep; print('vllm', vllm.__version__, 'ok')"
+	touch $(STAMP)
+
+demo: install
+	$(PY) examples/demo.py --workdir $(DEMO_DIR)
+
+# The whole suite (CI runs this).
+test: install
+	$(PY) -m pytest -q -rs tests
+
+# Everything but the end-to-end tests that start vLLM engines and servers.
+test-quick: install
+	$(PY) -m pytest -q -rs -m "not slow" tests
+
+test-slow: install
+	$(PY) -m pytest -q -rs -m slow tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -1,0 +1,143 @@
+"""Each bad input gets one clear error that names the problem, before any weight loads.
+
+(a) and (c) go through the real `vllm serve` console script and must exit fast. The others
+build the engine config in this process: `EngineArgs.__post_init__` loads vLLM's general
+plugins, so `create_engine_config` is the plugin's wrapper, as in every entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.launch import VENV_BIN, e2e_env
+
+SERVE_TIMEOUT = 120  # seconds; a refusal must come well before this
+WIDEEP = {"wideep": {"enabled": True}}
+# vLLM's CPU model runner logs this when it starts loading weights.
+LOADING_WEIGHTS = "Starting to load model"
+
+
+def _serve(model: str, *args: str) -> tuple[int, str]:
+    """Run `vllm serve` in its own process group; return (exit code, output)."""
+    cmd = [str(VENV_BIN / "vllm"), "serve", model, "--host", "127.0.0.1", *args]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd,
+            env=e2e_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=SERVE_TIMEOUT,
+            start_new_session=True,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"`vllm serve {' '.join(args)}` hung for {SERVE_TIMEOUT} s:\n{e.output}")
+    elapsed = time.monotonic() - start
+    print(f"`vllm serve {' '.join(args)}`: exit {proc.returncode} after {elapsed:.0f} s")
+    return proc.returncode, proc.stdout
+
+
+@pytest.mark.slow
+def test_dense_model_is_refused_by_serve(tiny_model):
+    code, output = _serve(tiny_model("dense"), "--enable-wideep", "--enforce-eager")
+    assert code != 0, output[-3000:]
+    assert "has no routed experts" in output, output[-3000:]
+    assert "Qwen3ForCausalLM" in output
+    assert LOADING_WEIGHTS not in output
+
+
+@pytest.mark.slow
+def test_unknown_wideep_flag_lists_the_valid_ones(tiny_model):
+    code, output = _serve(tiny_model("mixtral"), "--enable-wideep", "--wideep-bogus")
+    assert code == 2, output[-3000:]
+    assert "unrecognized arguments: --wideep-bogus" in output, output[-3000:]
+    assert (
+        "valid wide-EP flags are --enable-wideep, --wideep-a2a-backend, "
+        "--wideep-experts-backend" in output
+    ), output[-3000:]
+
+
+# --------------------------------------------------------------------------- #
+# In-process: EngineArgs(...).create_engine_config(), no server, no weights.
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture
+def engine_config(monkeypatch):
+    """`build(model, **engine_args)` -> VllmConfig, with the plugin loaded by vLLM."""
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    saved = dict(os.environ)
+
+    def build(model: str, **kwargs):
+        from vllm.engine.arg_utils import EngineArgs
+
+        engine_args = EngineArgs(model=model, enforce_eager=True, **kwargs)
+        assert getattr(EngineArgs, "_vllm_wideep_engine_patched", False), "plugin not loaded"
+        return engine_args.create_engine_config()
+
+    yield build
+    # vLLM's CPU platform writes os.environ (LD_PRELOAD, thread counts) while it builds
+    # the config; later tests copy os.environ into their vLLM children.
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _with_experts(tiny_model, tmp_path: Path, num_experts: int) -> str:
+    """The tiny Mixtral (8 experts) with `num_local_experts` changed in config.json."""
+    source = Path(tiny_model("mixtral"))
+    model = tmp_path / f"mixtral-{num_experts}-experts"
+    model.mkdir()
+    for path in source.iterdir():
+        if path.name != "config.json":
+            (model / path.name).symlink_to(path)  # weights are never read here
+    config = json.loads((source / "config.json").read_text())
+    config["num_local_experts"] = num_experts
+    (model / "config.json").write_text(json.dumps(config))
+    return str(model)
+
+
+def test_ep_size_must_divide_the_experts(engine_config, tiny_model, tmp_path):
+    model = _with_experts(tiny_model, tmp_path, 6)
+    with pytest.raises(ValueError) as error:
+        engine_config(model, data_parallel_size=2, tensor_parallel_size=2, additional_config=WIDEEP)
+    message = str(error.value)
+    assert "data parallel 2 x tensor parallel 2 = 4" in message
+    assert "routed experts (6)" in message
+    assert "EP sizes that do: [1, 2, 3, 6]" in message
+
+
+def test_check_model_accepts_a_dividing_ep_size(engine_config, tiny_model):
+    from vllm_wideep.plugin.config import WideEPConfig
+    from vllm_wideep.plugin.engine import check_model
+
+    config = engine_config(tiny_model("mixtral"), data_parallel_size=2, additional_config=WIDEEP)
+    assert config.parallel_config.enable_expert_parallel  # set by the plugin
+    check_model(config, WideEPConfig(enabled=True))
+
+
+def test_ill_typed_option_names_it_and_its_choices(engine_config, tiny_model):
+    bad = {"wideep": {"enabled": True, "a2a_backend": "x"}}
+    with pytest.raises(ValueError, match=r"'a2a_backend' must be one of \['a2a'\], got 'x'"):
+        engine_config(tiny_model("mixtral"), additional_config=bad)
+
+
+def test_vllm_eplb_is_refused(engine_config, tiny_model):
+    with pytest.raises(ValueError, match="--enable-eplb .* cannot run with --enable-wideep"):
+        engine_config(tiny_model("mixtral"), enable_eplb=True, additional_config=WIDEEP)
+
+
+def test_without_wideep_the_config_is_stock(engine_config, tiny_model):
+    config = engine_config(tiny_model("mixtral"))
+    assert not config.parallel_config.enable_expert_parallel
+
+
+def test_dense_model_message_in_process(engine_config, tiny_model):
+    with pytest.raises(ValueError, match="has no routed experts"):
+        engine_config(tiny_model("dense"), additional_config=WIDEEP)

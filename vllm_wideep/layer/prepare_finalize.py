@@ -1,0 +1,102 @@
+"""vLLM's [Quantize-Dispatch] and [Combine] steps, done by a wide-EP `Dispatcher`.
+
+Tensor-parallel ranks hold the same tokens (attention output is all-reduced before the
+MoE), so each TP rank dispatches only its slice of them. `finalize` writes that slice and
+zeros elsewhere; the MoE runner's TP all-reduce, which it runs anyway for the TP-sharded
+shared experts, then adds the slices together. That is why `output_is_reduced()` is False.
+When vLLM already splits tokens across TP ranks (sequence-parallel MoE), no slicing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe import modular_kernel as mk
+
+from vllm_wideep.comm.base import Dispatcher
+
+
+@dataclass(frozen=True)
+class TokenSlice:
+    """This rank's share of tokens replicated over `size` TP ranks."""
+
+    rank: int
+    size: int
+
+    def bounds(self, num_tokens: int) -> tuple[int, int]:
+        per_rank = -(-num_tokens // self.size)
+        start = min(self.rank * per_rank, num_tokens)
+        return start, min(start + per_rank, num_tokens)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    handle: Any
+    start: int
+    end: int
+
+
+class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
+    def __init__(self, dispatcher: Dispatcher, token_slice: TokenSlice, ep_size: int):
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.token_slice = token_slice
+        self.ep_size = ep_size
+        self._pending: _Pending | None = None
+
+    @property
+    def activation_format(self) -> mk.FusedMoEActivationFormat:
+        return mk.FusedMoEActivationFormat.Standard
+
+    def topk_indices_dtype(self) -> torch.dtype | None:
+        return None
+
+    def max_num_tokens_per_rank(self) -> int | None:
+        return None
+
+    def num_dispatchers(self) -> int:
+        return self.ep_size
+
+    def output_is_reduced(self) -> bool:
+        return False
+
+    def prepare(
+        self,
+        a1: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        num_experts: int,
+        expert_map: torch.Tensor | None,
+        apply_router_weight_on_input: bool,
+        quant_config,
+        defer_input_quant: bool = False,
+    ) -> mk.PrepareResultType:
+        if apply_router_weight_on_input:
+            # Only defined for top-1 (Llama-4): scale the input, send weight 1.
+            a1 = a1 * topk_weights.to(a1.dtype)
+            topk_weights = torch.ones_like(topk_weights)
+        start, end = self.token_slice.bounds(a1.shape[0])
+        result = self.dispatcher.dispatch(
+            a1[start:end], topk_ids[start:end], topk_weights[start:end]
+        )
+        self._pending = _Pending(result.handle, start, end)
+        return result.hidden_states, None, None, result.topk_ids, result.topk_weights
+
+    def finalize(
+        self,
+        output: torch.Tensor,
+        fused_expert_output: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        apply_router_weight_on_input: bool,
+        weight_and_reduce_impl: mk.TopKWeightAndReduce,
+    ) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None, "finalize without prepare"
+        # `fused_expert_output` may alias `output`; combine has read it before we write.
+        combined = self.dispatcher.combine(fused_expert_output, pending.handle)
+        output[: pending.start].zero_()
+        output[pending.end :].zero_()
+        output[pending.start : pending.end].copy_(combined)

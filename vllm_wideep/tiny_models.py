@@ -1,0 +1,595 @@
+"""Tiny, deterministic, local checkpoints that stock vLLM 0.32 loads on CPU.
+
+The tests and examples need MoE models without a model hub. This module writes
+one into a folder: random weights from a seed, a byte-level BPE tokenizer trained
+on a built-in corpus, a chat template and a generation config. The same
+``(arch, dtype, seed)`` and the same library versions give the same bytes.
+
+    python -m vllm_wideep.tiny_models OUT_DIR --arch deepseek_v3 [--dtype bfloat16] [--seed 0]
+
+or, from Python, ``build_tiny_model(out_dir, "qwen3_moe")``.
+
+Architectures (``TINY_ARCHES``):
+
+==============  ======================  ======  ==================================================
+arch            class                   layers  experts
+==============  ======================  ======  ==================================================
+deepseek_v3     DeepseekV3ForCausalLM   3 + 1   layer 0 dense, layers 1-2 MoE: 16 routed + 1 shared,
+                                        MTP     top-4, n_group 4 / topk_group 2, noaux_tc, sigmoid
+qwen3_moe       Qwen3MoeForCausalLM     2       16, top-4
+mixtral         MixtralForCausalLM      2       8, top-2
+dense           Qwen3ForCausalLM        2       none (for "this model has no experts" checks)
+==============  ======================  ======  ==================================================
+
+Every model has hidden size 128 and a vocabulary of ``VOCAB_SIZE`` = 1024 tokens.
+The constraints come from vLLM's CPU kernels:
+
+* MoE (``cpu_fused_moe``): hidden size divisible by 32; intermediate sizes are
+  kept at multiples of 32 too.
+* MLA (``CPU_MLA``): ``kv_lora_rank + qk_rope_head_dim`` must be 576, so
+  DeepSeek-V3 uses 512 + 64; every other MLA size stays tiny.
+
+DeepSeek-V3 specifics. HF's ``DeepseekV3Config`` does not write ``topk_method`` or
+``scoring_func``; without ``topk_method = "noaux_tc"`` vLLM builds no
+``e_score_correction_bias`` and fails with ``KeyError:
+'layers.1.mlp.gate.e_score_correction_bias'``, so both are added. HF has no MTP
+module, so the model is built with ``L + 1`` layers and layer ``L`` gets the MTP
+tensors that ``vllm/model_executor/models/deepseek_mtp.py`` loads::
+
+    model.layers.{L}.{enorm,hnorm}.weight                 [hidden]
+    model.layers.{L}.eh_proj.weight                       [hidden, 2 * hidden]
+    model.layers.{L}.shared_head.norm.weight              [hidden]
+    model.layers.{L}.shared_head.head.weight              [vocab, hidden]  (copy of lm_head)
+    model.layers.{L}.embed_tokens.weight                  [vocab, hidden]  (copy of embed_tokens)
+    model.layers.{L}.{self_attn,mlp,...}                  a full MoE decoder block
+
+and ``config.json`` says ``num_hidden_layers = L``, ``num_nextn_predict_layers = 1``.
+The e_score_correction_bias is random and non-zero so that the bias path of
+grouped top-k is exercised.
+
+Weights. Every parameter is redrawn in name order from one ``torch.Generator``
+seeded with ``seed``: projections ``N(0, 1 / fan_in)``, embeddings ``N(0, 1)``,
+norms ``1 + N(0, 0.1^2)``, routers ``N(0, 4 / hidden)`` (router logits of
+standard deviation about 2, so tokens spread over the experts). Activations stay
+O(1) and greedy decoding does not collapse to one token.
+
+Checkpoints are saved with ``save_pretrained`` (safetensors). transformers 5.19
+keeps experts fused in memory (``experts.gate_up_proj`` ``[E, 2 * I, H]``) and
+writes them per expert (``mlp.experts.{e}.gate_proj.weight``, Mixtral
+``block_sparse_moe.experts.{e}.w1.weight``), which is what vLLM's loaders read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+TinyArch = Literal["deepseek_v3", "qwen3_moe", "mixtral", "dense"]
+TINY_ARCHES: tuple[str, ...] = get_args(TinyArch)
+TINY_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+
+VOCAB_SIZE = 1024
+HIDDEN_SIZE = 128
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN_ID = 0
+PAD_TOKEN_ID = 1
+MAX_POSITION_EMBEDDINGS = 4096
+
+# Bump when the written files change for the same (arch, dtype, seed).
+FORMAT_VERSION = 1
+STAMP_FILE = "wideep_tiny_model.json"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+# Router logits get a larger scale than other projections so routing is peaked.
+_ROUTER_STD_GAIN = 2.0
+_NORM_NOISE_STD = 0.1
+_E_SCORE_BIAS_STD = 0.1
+
+
+# --------------------------------------------------------------------------- #
+# Configs
+# --------------------------------------------------------------------------- #
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=HIDDEN_SIZE,
+    max_position_embeddings=MAX_POSITION_EMBEDDINGS,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=EOS_TOKEN_ID,
+    eos_token_id=EOS_TOKEN_ID,
+    pad_token_id=PAD_TOKEN_ID,
+)
+
+
+def _deepseek_v3_config(num_layers: int) -> PretrainedConfig:
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(
+        **_COMMON,
+        num_hidden_layers=num_layers,
+        intermediate_size=256,  # the dense layer 0
+        moe_intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=96,
+        kv_lora_rank=512,  # 512 + 64 = 576, the only size CPU MLA supports
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    )
+    config.topk_method = "noaux_tc"
+    config.scoring_func = "sigmoid"
+    return config
+
+
+def _qwen3_moe_config(num_layers: int) -> PretrainedConfig:
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        **_COMMON,
+        num_hidden_layers=num_layers,
+        intermediate_size=256,  # unused: every layer is MoE
+        moe_intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
+
+
+def _mixtral_config(num_layers: int) -> PretrainedConfig:
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        **_COMMON,
+        num_hidden_layers=num_layers,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
+
+
+def _dense_config(num_layers: int) -> PretrainedConfig:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        **_COMMON,
+        num_hidden_layers=num_layers,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    )
+
+
+@dataclass(frozen=True)
+class _ArchSpec:
+    """How to build one arch: ``num_layers`` decoder layers, plus ``num_mtp_layers``."""
+
+    model_class: str
+    make_config: Callable[[int], PretrainedConfig]
+    num_layers: int
+    num_mtp_layers: int = 0
+
+
+_ARCH_SPECS: dict[str, _ArchSpec] = {
+    "deepseek_v3": _ArchSpec("DeepseekV3ForCausalLM", _deepseek_v3_config, 3, num_mtp_layers=1),
+    "qwen3_moe": _ArchSpec("Qwen3MoeForCausalLM", _qwen3_moe_config, 2),
+    "mixtral": _ArchSpec("MixtralForCausalLM", _mixtral_config, 2),
+    "dense": _ArchSpec("Qwen3ForCausalLM", _dense_config, 2),
+}
+assert set(_ARCH_SPECS) == set(TINY_ARCHES), (set(_ARCH_SPECS), TINY_ARCHES)
+
+
+def tiny_config(arch: str) -> PretrainedConfig:
+    """The ``config.json`` contents for ``arch``.
+
+    MTP layers are not counted in ``num_hidden_layers``."""
+    spec = _arch_spec(arch)
+    config = spec.make_config(spec.num_layers)
+    if spec.num_mtp_layers:
+        config.num_nextn_predict_layers = spec.num_mtp_layers
+    return config
+
+
+def _arch_spec(arch: str) -> _ArchSpec:
+    if arch not in _ARCH_SPECS:
+        raise ValueError(f"unknown tiny arch {arch!r}; expected one of {TINY_ARCHES}")
+    return _ARCH_SPECS[arch]
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer
+# --------------------------------------------------------------------------- #
+
+_CORPUS_TEXT = """\
+The old lighthouse stood at the end of a narrow stone pier, and every evening the
+keeper climbed its one hundred and twelve steps to light the lamp. Ships passing in
+the dark counted the flashes: two short, one long, then a pause of ten seconds.
+Sailors said that the light had never failed, not even in the winter storm that
+flooded the harbour and carried away half of the fishing boats.
+
+A model that predicts the next word must first learn which words follow which. It
+reads a sentence one token at a time and keeps a summary of what it has seen. When
+the summary is good, the prediction is good; when it is poor, the model guesses.
+Large models split this work among many experts, and a small router decides which
+experts should look at each token. If the router sends too many tokens to the same
+expert, that expert becomes a bottleneck and the others sit idle.
+
+In the spring the river rose and the village moved its market to the hill. Traders
+brought apples, bread, cheese, honey, salt, wool and copper pots. Children ran
+between the stalls while their parents argued about prices. By noon the square was
+full, and by sunset it was empty again, except for a dog asleep under a cart.
+
+Numbers are words too: zero, one, two, three, four, five, six, seven, eight, nine,
+ten, eleven, twelve, twenty, thirty, forty, fifty, hundred, thousand, million.
+Dates look like 2024-05-17 and times like 09:45. Prices look like $12.50 or 3.99.
+Lists look like this: first, second, third; red, green, blue; north, south, east,
+west. Questions end with a question mark? Answers often do not.
+
+She opened the letter carefully. "Dear friend," it began, "I am writing to tell you
+that the garden is finally growing. The tomatoes are red, the beans are climbing the
+fence, and the roses have opened. Please come and visit before the summer is over."
+She smiled, folded the letter, and put it in her pocket.
+
+To bake simple bread, mix flour, water, salt and yeast. Knead the dough for ten
+minutes, let it rise for an hour, shape it, let it rise again, and bake it in a hot
+oven until the crust is brown and the loaf sounds hollow when you tap it.
+
+The committee met on Tuesday to review the budget. After a long discussion they
+agreed to repair the bridge, paint the school, plant trees along the main road and
+buy a new bus. The mayor thanked everyone and said the work would begin in April.
+"""
+
+_GEN_SUBJECTS = (
+    "the cat",
+    "a teacher",
+    "my brother",
+    "the engine",
+    "our team",
+    "the river",
+    "a small bird",
+    "the computer",
+    "every student",
+    "the old man",
+    "the server",
+    "this expert",
+    "the router",
+    "a farmer",
+    "the train",
+    "the moon",
+)
+_GEN_VERBS = (
+    "sees",
+    "builds",
+    "carries",
+    "finds",
+    "moves",
+    "reads",
+    "writes",
+    "sends",
+    "opens",
+    "closes",
+    "follows",
+    "measures",
+    "counts",
+    "paints",
+    "loads",
+    "keeps",
+)
+_GEN_OBJECTS = (
+    "a red box",
+    "the long road",
+    "three letters",
+    "the blue door",
+    "some bread",
+    "a quiet song",
+    "the heavy stone",
+    "many tokens",
+    "the last page",
+    "a bright lamp",
+    "the green field",
+    "two experts",
+    "the cold water",
+    "a paper boat",
+    "the map",
+)
+_GEN_TAILS = (
+    "today.",
+    "at night.",
+    "in the morning.",
+    "before lunch.",
+    "after the rain.",
+    "near the station.",
+    "with great care.",
+    "again and again.",
+    "for the first time.",
+    "without a word.",
+    "every week.",
+    "on the hill.",
+)
+
+
+def tokenizer_corpus() -> list[str]:
+    """The fixed training text: the paragraphs above plus 600 generated sentences."""
+    rng = random.Random(1234)
+    lines = _CORPUS_TEXT.splitlines()
+    for i in range(600):
+        sentence = " ".join(
+            (
+                rng.choice(_GEN_SUBJECTS),
+                rng.choice(_GEN_VERBS),
+                rng.choice(_GEN_OBJECTS),
+                rng.choice(_GEN_TAILS),
+            )
+        )
+        lines.append(f"{sentence[0].upper()}{sentence[1:]} Item {i}: {rng.randint(0, 99999)}.")
+    return lines
+
+
+def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with exactly ``vocab_size`` tokens.
+
+    ``<|endoftext|>`` = 0, ``<|pad|>`` = 1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(
+            f"the built-in corpus gives {tok.get_vocab_size()} BPE tokens, "
+            f"not the requested {vocab_size}"
+        )
+    assert tok.token_to_id(EOS_TOKEN) == EOS_TOKEN_ID and tok.token_to_id(PAD_TOKEN) == PAD_TOKEN_ID
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_POSITION_EMBEDDINGS,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Weights
+# --------------------------------------------------------------------------- #
+
+
+def _init_std(name: str, shape: tuple[int, ...]) -> float:
+    """Standard deviation of the normal draw for parameter ``name`` (see module docstring)."""
+    if "embed_tokens" in name:
+        return 1.0
+    if name.endswith("mlp.gate.weight") or name.endswith("block_sparse_moe.gate.weight"):
+        return _ROUTER_STD_GAIN / shape[-1] ** 0.5
+    return 1.0 / shape[-1] ** 0.5
+
+
+def _is_norm(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 1 and "norm" in name
+
+
+def _reinit_weights(model: PreTrainedModel, generator: torch.Generator) -> None:
+    """Redraw every parameter and the e_score_correction_bias buffers, in name order."""
+    import torch
+
+    tensors = dict(model.named_parameters())
+    tensors.update(
+        (name, buf)
+        for name, buf in model.named_buffers()
+        if name.endswith("e_score_correction_bias")
+    )
+    with torch.no_grad():
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            shape = tuple(tensor.shape)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            if _is_norm(name, shape):
+                value = 1.0 + _NORM_NOISE_STD * noise
+            elif name.endswith("e_score_correction_bias"):
+                value = _E_SCORE_BIAS_STD * noise
+            elif len(shape) == 1:
+                raise ValueError(f"no init rule for 1-D parameter {name} {shape}")
+            else:
+                value = _init_std(name, shape) * noise
+            tensor.copy_(value)
+
+
+def _mtp_extra_tensors(
+    model: PreTrainedModel, layer: int, generator: torch.Generator, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors vLLM's DeepSeekMTP loads for MTP layer ``layer`` beyond its decoder block."""
+    import torch
+
+    hidden = model.config.hidden_size
+    prefix = f"model.layers.{layer}."
+
+    def norm() -> torch.Tensor:
+        return 1.0 + _NORM_NOISE_STD * torch.randn(hidden, generator=generator)
+
+    extra = {
+        "enorm.weight": norm(),
+        "hnorm.weight": norm(),
+        "eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=generator)
+        / (2 * hidden) ** 0.5,
+        "shared_head.norm.weight": norm(),
+        "shared_head.head.weight": model.lm_head.weight.detach().clone(),
+        "embed_tokens.weight": model.model.embed_tokens.weight.detach().clone(),
+    }
+    return {prefix + k: v.to(dtype).contiguous() for k, v in extra.items()}
+
+
+# --------------------------------------------------------------------------- #
+# Build
+# --------------------------------------------------------------------------- #
+
+
+def _stamp(arch: str, dtype: str, seed: int) -> dict[str, Any]:
+    import tokenizers
+    import torch
+    import transformers
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "dtype": dtype,
+        "seed": seed,
+        "versions": {
+            "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+    }
+
+
+def _read_stamp(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out_dir / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_model(tmp: Path, arch: str, dtype: str, seed: int) -> None:
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from transformers import GenerationConfig
+
+    spec = _arch_spec(arch)
+    torch_dtype = getattr(torch, dtype)
+    total_layers = spec.num_layers + spec.num_mtp_layers
+    config = spec.make_config(total_layers)
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = getattr(transformers, spec.model_class)(config)
+    _reinit_weights(model, generator)
+    mtp_extra = {}
+    for layer in range(spec.num_layers, total_layers):
+        mtp_extra.update(_mtp_extra_tensors(model, layer, generator, torch_dtype))
+
+    model.to(torch_dtype)
+    model.generation_config = GenerationConfig(
+        bos_token_id=EOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
+    )
+    model.save_pretrained(tmp)
+
+    if spec.num_mtp_layers:
+        # The decoder blocks of the MTP layers are in the file already; add the rest and
+        # write config.json with the MTP layers outside num_hidden_layers.
+        weights_path = tmp / "model.safetensors"
+        tensors = load_file(weights_path)
+        tensors.update(mtp_extra)
+        save_file(tensors, weights_path, metadata={"format": "pt"})
+        model.config.num_hidden_layers = spec.num_layers
+        model.config.num_nextn_predict_layers = spec.num_mtp_layers
+        model.config.save_pretrained(tmp)
+
+    build_tokenizer(config.vocab_size).save_pretrained(tmp)
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike[str], arch: str, dtype: str = "bfloat16", seed: int = 0
+) -> Path:
+    """Write the tiny ``arch`` checkpoint into ``out_dir`` and return its path.
+
+    Idempotent: if ``out_dir`` holds a stamp for the same arch, dtype, seed, format
+    version and library versions, nothing is written. A folder with another tiny
+    model's stamp is replaced; a non-empty folder without a stamp is refused.
+    The folder appears atomically (built next to it, then renamed).
+    """
+    _arch_spec(arch)
+    if dtype not in TINY_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {TINY_DTYPES}")
+    out = Path(out_dir).absolute()
+    stamp = _stamp(arch, dtype, seed)
+    if _read_stamp(out) == stamp:
+        return out
+    if out.exists() and any(out.iterdir()) and _read_stamp(out) is None:
+        raise FileExistsError(
+            f"{out} is not empty and holds no {STAMP_FILE}; refusing to overwrite it"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_model(tmp, arch, dtype, seed)
+        (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+        for path in tmp.iterdir():  # mkdtemp and save_file create owner-only modes
+            path.chmod(0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            if _read_stamp(out) == stamp:  # another process finished first
+                return out
+            shutil.rmtree(out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if _read_stamp(out) != stamp:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_wideep.tiny_models",
+        description="Write a tiny deterministic checkpoint (weights, tokenizer, configs) for vLLM.",
+    )
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--arch", required=True, choices=TINY_ARCHES)
+    parser.add_argument("--dtype", default="bfloat16", choices=TINY_DTYPES)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
