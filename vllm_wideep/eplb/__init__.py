@@ -1,0 +1,10 @@
+"""Expert-parallel load balancing: record load, plan a placement, move expert weights.
+
+`plan_placement` (policy.py) is a pure function of the load; `Placement` (placement.py)
+holds its result and the maps derived from it. Glossary in `placement.py`.
+"""
+
+from vllm_wideep.eplb.placement import Placement
+from vllm_wideep.eplb.policy import plan_placement
+
+__all__ = ["Placement", "plan_placement"]
