@@ -53,25 +53,27 @@ def _server_generate(server: Server, prompts: list[str]) -> dict:
         "ignore_eos": True,
         "logprobs": 2,
         "return_token_ids": True,
+        "return_tokens_as_token_ids": True,
     }
     choices = sorted(server.post("/v1/completions", body)["choices"], key=lambda c: c["index"])
     return _from_choices(choices)
 
 
 def _from_choices(choices: list[dict]) -> dict:
-    tokens = [c["token_ids"] for c in choices]
-    # The server keys top logprobs by token text; map back through the chosen token's text.
-    logprobs = []
-    for c, seq in zip(choices, tokens, strict=True):
-        steps = []
-        for token_id, top, text in zip(
-            seq, c["logprobs"]["top_logprobs"], c["logprobs"]["tokens"], strict=True
-        ):
-            step = {f"text:{t}": lp for t, lp in top.items()}
-            step[str(token_id)] = top[text]
-            steps.append(step)
-        logprobs.append(steps)
-    return {"tokens": tokens, "logprobs": logprobs}
+    """OpenAI completion choices -> {"tokens", "logprobs": [{token id: logprob}]}.
+
+    Requests ask for `return_tokens_as_token_ids`, so top logprobs are keyed
+    "token_id:N": byte-level tokens often share a text, which would collapse them."""
+    return {
+        "tokens": [c["token_ids"] for c in choices],
+        "logprobs": [
+            [
+                {key.removeprefix("token_id:"): lp for key, lp in top.items()}
+                for top in c["logprobs"]["top_logprobs"]
+            ]
+            for c in choices
+        ],
+    }
 
 
 def _by_case(results):

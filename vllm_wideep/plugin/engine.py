@@ -48,12 +48,37 @@ def adjust_engine_args(engine_args, config: WideEPConfig) -> None:
             _DEFAULT_ALL2ALL,
         )
         engine_args.all2all_backend = _DEFAULT_ALL2ALL
+    _disable_cuda_graphs(engine_args)
     if not engine_args.enable_expert_parallel:
         logger.info(
             "vllm_wideep: enabling expert parallelism (EP size = DP x TP = %d).",
             engine_args.data_parallel_size * engine_args.tensor_parallel_size,
         )
         engine_args.enable_expert_parallel = True
+
+
+def _disable_cuda_graphs(engine_args) -> None:
+    """The `a2a` exchange learns its split sizes on the host (a sync per layer), which a
+    CUDA graph cannot capture: run the engine without graphs on GPUs."""
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike() or engine_args.enforce_eager:
+        return
+    compilation = engine_args.compilation_config
+    if isinstance(compilation, dict):
+        compilation = CompilationConfig(**compilation)
+    if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
+        _logger().warning(
+            "vllm_wideep: cudagraph_mode %s replaced by NONE: the a2a exchange syncs "
+            "with the host.",
+            compilation.cudagraph_mode,
+        )
+    else:
+        _logger().info("vllm_wideep: CUDA graphs off (the a2a exchange syncs with the host).")
+    compilation.cudagraph_mode = CUDAGraphMode.NONE
+    engine_args.compilation_config = compilation
 
 
 def check_model(vllm_config, config: WideEPConfig) -> None:
