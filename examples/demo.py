@@ -139,13 +139,7 @@ def show_stats(url: str) -> None:
         for layer, counts in stats["tokens_per_expert"].items():
             print(f"{stats['ep_rank']:>7}  {layer:<28}  {sum(counts):>6}  {counts}")
     if len(results) < DP_SIZE:
-        print(
-            f"\nOnly {len(results)} of {DP_SIZE} EP ranks answered: with data parallelism, "
-            "vLLM 0.32's API server sends the RPC\nto every engine but returns the first "
-            "engine's reply only (DPLBAsyncMPClient.call_utility_async in\n"
-            "vllm/v1/engine/core_client.py). EP rank 0's rows include the tokens that "
-            "DP rank 1 dispatched to it."
-        )
+        raise RuntimeError(f"only {len(results)} of {DP_SIZE} EP ranks answered wideep_stats")
 
 
 def main() -> int:
@@ -167,17 +161,14 @@ def main() -> int:
             wait_ready(server, url, args.timeout)
             ask(OpenAI(base_url=url + "/v1", api_key="unused", timeout=300, max_retries=0))
             show_stats(url)
-        except Exception as error:  # report any failure with the server's side of it
+        except Exception as error:  # any failure: say what, then show the server's side
             print(f"\nFAILED: {type(error).__name__}: {error}")
-            stop_server(server)
             print(f"--- last lines of {log_path} ---")
             print("\n".join(log_path.read_text().splitlines()[-60:]))
             return 1
-        except KeyboardInterrupt:
+        finally:
+            print("\nstopping the server")
             stop_server(server)
-            return 130
-        print("\nstopping the server")
-        stop_server(server)
     print(f"done (server log: {log_path})")
     return 0
 

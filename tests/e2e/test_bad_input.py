@@ -7,8 +7,10 @@ plugins, so `create_engine_config` is the plugin's wrapper, as in every entry po
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,34 +25,46 @@ WIDEEP = {"wideep": {"enabled": True}}
 LOADING_WEIGHTS = "Starting to load model"
 
 
+def _expect_no_experts_message(output: str) -> None:
+    assert "has no routed experts" in output, output[-3000:]
+
+
 def _serve(model: str, *args: str) -> tuple[int, str]:
-    """Run `vllm serve` in its own process group; return (exit code, output)."""
+    """Run `vllm serve` in its own process group; return (exit code, output).
+
+    Fails the test if it has not exited after SERVE_TIMEOUT; kills the group either way.
+    """
     cmd = [str(VENV_BIN / "vllm"), "serve", model, "--host", "127.0.0.1", *args]
     start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        env=e2e_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            cmd,
-            env=e2e_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=SERVE_TIMEOUT,
-            start_new_session=True,
-        )
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"`vllm serve {' '.join(args)}` hung for {SERVE_TIMEOUT} s:\n{e.output}")
+        output, _ = proc.communicate(timeout=SERVE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"`vllm serve {' '.join(args)}` hung for {SERVE_TIMEOUT} s:\n{output[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # engine processes left behind, if any
     elapsed = time.monotonic() - start
     print(f"`vllm serve {' '.join(args)}`: exit {proc.returncode} after {elapsed:.0f} s")
-    return proc.returncode, proc.stdout
+    return proc.returncode, output
 
 
 @pytest.mark.slow
 def test_dense_model_is_refused_by_serve(tiny_model):
     code, output = _serve(tiny_model("dense"), "--enable-wideep", "--enforce-eager")
     assert code != 0, output[-3000:]
-    assert "has no routed experts" in output, output[-3000:]
-    assert "Qwen3ForCausalLM" in output
     assert LOADING_WEIGHTS not in output
+    _expect_no_experts_message(output)
+    assert "Qwen3ForCausalLM" in output
 
 
 @pytest.mark.slow
@@ -114,12 +128,11 @@ def test_ep_size_must_divide_the_experts(engine_config, tiny_model, tmp_path):
 
 
 def test_check_model_accepts_a_dividing_ep_size(engine_config, tiny_model):
-    from vllm_wideep.plugin.config import WideEPConfig
     from vllm_wideep.plugin.engine import check_model
 
     config = engine_config(tiny_model("mixtral"), data_parallel_size=2, additional_config=WIDEEP)
     assert config.parallel_config.enable_expert_parallel  # set by the plugin
-    check_model(config, WideEPConfig(enabled=True))
+    check_model(config.model_config, data_parallel_size=2, tensor_parallel_size=4)
 
 
 def test_ill_typed_option_names_it_and_its_choices(engine_config, tiny_model):
@@ -138,6 +151,7 @@ def test_without_wideep_the_config_is_stock(engine_config, tiny_model):
     assert not config.parallel_config.enable_expert_parallel
 
 
-def test_dense_model_message_in_process(engine_config, tiny_model):
-    with pytest.raises(ValueError, match="has no routed experts"):
+def test_dense_model_is_refused_in_process(engine_config, tiny_model):
+    with pytest.raises(ValueError) as error:
         engine_config(tiny_model("dense"), additional_config=WIDEEP)
+    _expect_no_experts_message(str(error.value))

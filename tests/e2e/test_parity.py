@@ -158,10 +158,13 @@ def test_ep2_through_dp2_server(case, tiny_model, stock):
     args = ["--enable-wideep", "--data-parallel-size", "2", "--api-server-count", "1"]
     args += ["--dtype", dtype, "--max-model-len", "256", "--enforce-eager"]
     args += ["--served-model-name", "tiny"]
-    with Server(tiny_model(arch), args, e2e_env(num_ranks=2)) as server:
+    env = e2e_env(num_ranks=2, VLLM_SERVER_DEV_MODE="1")  # for POST /collective_rpc
+    with Server(tiny_model(arch), args, env) as server:
         if arch in BATCH_VARIANT:
             parts = [_server_generate(server, [p]) for p in PROMPTS]
             result = {k: [seq for part in parts for seq in part[k]] for k in parts[0]}
         else:
             result = _server_generate(server, PROMPTS)
+        stats = server.post("/collective_rpc", {"method": "wideep_stats"})["results"]
     assert_greedy_parity(stock[case], result, dtype)
+    _experts_used_on_every_rank(stats, 2)

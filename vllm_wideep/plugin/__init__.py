@@ -11,9 +11,10 @@ def register() -> None:
     from vllm_wideep.plugin.cli import patch_cli
     from vllm_wideep.plugin.engine import patch_engine_config
     from vllm_wideep.plugin.patch import patch_moe
-    from vllm_wideep.plugin.worker import patch_worker
+    from vllm_wideep.plugin.worker import patch_dp_client, patch_worker
 
     patch_cli()
     patch_engine_config()
     patch_moe()
     patch_worker()
+    patch_dp_client()

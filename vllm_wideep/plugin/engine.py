@@ -34,6 +34,10 @@ def adjust_engine_args(engine_args, config: WideEPConfig) -> None:
             "--enable-wideep yet: it needs vLLM's DeepEP all2all backends, which "
             "wide EP replaces. Drop --enable-dbo."
         )
+    if engine_args.pipeline_parallel_size > 1:
+        raise ValueError(
+            "vllm_wideep: --pipeline-parallel-size > 1 is not supported with --enable-wideep."
+        )
     if engine_args.prefill_context_parallel_size > 1:
         raise ValueError(
             "vllm_wideep: --prefill-context-parallel-size > 1 is not supported with "
@@ -81,10 +85,11 @@ def _disable_cuda_graphs(engine_args) -> None:
     engine_args.compilation_config = compilation
 
 
-def check_model(vllm_config, config: WideEPConfig) -> None:
-    """Refuse models wide EP cannot serve, naming the model and the numbers."""
-    model_config = vllm_config.model_config
-    parallel_config = vllm_config.parallel_config
+def check_model(model_config, data_parallel_size: int, tensor_parallel_size: int) -> None:
+    """Refuse models wide EP cannot serve, naming the model and the numbers.
+
+    Runs before vLLM builds its config: with expert parallelism forced on, vLLM's own
+    check would refuse a dense model first, with a message that does not say why."""
     num_experts = model_config.get_num_experts()
     if num_experts <= 0:
         raise ValueError(
@@ -92,18 +97,14 @@ def check_model(vllm_config, config: WideEPConfig) -> None:
             f"{model_config.model!r} ({', '.join(model_config.architectures or [])}) "
             f"has no routed experts. Drop --enable-wideep for dense models."
         )
-    ep_size = parallel_config.data_parallel_size * parallel_config.tensor_parallel_size
+    ep_size = data_parallel_size * tensor_parallel_size
     if num_experts % ep_size != 0:
         divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
         raise ValueError(
-            f"vllm_wideep: the EP size (data parallel {parallel_config.data_parallel_size}"
-            f" x tensor parallel {parallel_config.tensor_parallel_size} = {ep_size}) "
-            f"must divide the number of routed experts ({num_experts}) of "
-            f"{model_config.model!r}; EP sizes that do: {divisors}"
-        )
-    if parallel_config.pipeline_parallel_size > 1:
-        raise ValueError(
-            "vllm_wideep: --pipeline-parallel-size > 1 is not supported with --enable-wideep."
+            f"vllm_wideep: the EP size (data parallel {data_parallel_size} x tensor "
+            f"parallel {tensor_parallel_size} = {ep_size}) must divide the number of "
+            f"routed experts ({num_experts}) of {model_config.model!r}; EP sizes that "
+            f"do: {divisors}"
         )
 
 
@@ -126,8 +127,8 @@ def patch_engine_config() -> None:
             ADDITIONAL_CONFIG_KEY: config.to_dict(),
         }
         adjust_engine_args(self, config)
+        check_model(self.create_model_config(), self.data_parallel_size, self.tensor_parallel_size)
         vllm_config = original(self, *args, **kwargs)
-        check_model(vllm_config, config)
         _logger().info("vllm_wideep: wide EP enabled with %s", config)
         return vllm_config
 

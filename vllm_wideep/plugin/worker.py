@@ -27,3 +27,25 @@ def patch_worker() -> None:
 
     if not hasattr(WorkerBase, "wideep_stats"):
         WorkerBase.wideep_stats = wideep_stats
+
+
+def patch_dp_client() -> None:
+    """With data parallelism, vLLM's load-balancing client sends a `collective_rpc` to
+    every engine but returns the first engine's replies only; for `wideep_stats` gather
+    the replies of all engines (every EP rank), as vLLM's own weight checksums do."""
+    from vllm.v1.engine.core_client import DPLBAsyncMPClient
+
+    original = DPLBAsyncMPClient.collective_rpc_async
+    if getattr(original, "_vllm_wideep", False):
+        return
+
+    async def collective_rpc_async(self, method, timeout=None, args=(), kwargs=None):
+        if method != "wideep_stats":
+            return await original(self, method, timeout, args, kwargs)
+        per_engine = await self.call_utility_all_async(
+            "collective_rpc", method, timeout, args, kwargs
+        )
+        return [reply for replies in per_engine for reply in replies]
+
+    collective_rpc_async._vllm_wideep = True
+    DPLBAsyncMPClient.collective_rpc_async = collective_rpc_async
