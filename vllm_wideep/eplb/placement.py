@@ -69,7 +69,11 @@ class Placement:
     @property
     def replica_count(self) -> torch.Tensor:
         """`[L, E]` int64, how many slots hold each logical expert."""
-        counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64)
+        return self._count_replicas(self.num_experts)
+
+    def _count_replicas(self, num_experts: int) -> torch.Tensor:
+        """`[L, num_experts]` int64 slots per expert id; ids must be < num_experts."""
+        counts = torch.zeros(self.num_layers, num_experts, dtype=torch.int64)
         return counts.scatter_add_(
             1, self.physical_to_logical, torch.ones_like(self.physical_to_logical)
         )
@@ -115,9 +119,7 @@ class Placement:
                 f"layer {layer} slot {slot} holds expert {int(phy2log[layer, slot])}, "
                 f"out of range [0, {num_experts})"
             )
-        counts = torch.zeros(self.num_layers, num_experts, dtype=torch.int64)
-        counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-        missing = counts == 0
+        missing = self._count_replicas(num_experts) == 0
         if missing.any():
             layer = int(missing.any(dim=1).nonzero()[0])
             experts = missing[layer].nonzero().flatten().tolist()
@@ -132,11 +134,8 @@ class Placement:
         load = torch.as_tensor(load).float().cpu()
         if load.dim() != 2 or load.shape[0] != self.num_layers:
             raise ValueError(f"load must be [{self.num_layers}, E], got shape {tuple(load.shape)}")
-        phy2log = self.physical_to_logical
-        counts = torch.zeros(load.shape, dtype=torch.int64)
-        counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
-        share = load / counts.clamp(min=1)
-        slot_load = torch.gather(share, 1, phy2log)  # [L, N]
+        share = load / self._count_replicas(load.shape[1]).clamp(min=1)
+        slot_load = torch.gather(share, 1, self.physical_to_logical)  # [L, N]
         return slot_load.view(self.num_layers, self.num_ranks, -1).sum(dim=2)
 
     def balancedness(self, load: torch.Tensor) -> torch.Tensor:

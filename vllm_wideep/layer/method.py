@@ -71,8 +71,3 @@ def _check_supported(moe) -> None:
             f"vllm_wideep: only SiLU-and-mul experts are supported yet; this model's "
             f"experts use {moe.activation.value} (act_and_mul={moe.is_act_and_mul})."
         )
-    if moe.num_experts % moe.moe_parallel_config.ep_size != 0:
-        raise ValueError(
-            f"vllm_wideep: EP size {moe.moe_parallel_config.ep_size} does not divide "
-            f"the {moe.num_experts} experts of this layer."
-        )
