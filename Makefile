@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml tools/fix_cpu_venv.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0+cpu first: pip takes the CPU build that lies on this disk.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q -e '.[cpu,test,tools]'
 	$(PY) tools/fix_cpu_venv.py
 	$(PY) -c "import vllm, vllm_wideep; print('vllm', vllm.__version__, 'ok')"
 	touch $(STAMP)
