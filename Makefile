@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= .cache/demo
+MODEL_DIR ?= models/tiny-dsv3-tasks
 
-.PHONY: install demo test test-quick test-slow lint bench clean
+.PHONY: install demo model eval test test-quick test-slow lint bench bench-serve clean
 
 # Returns at once when the venv is up to date with pyproject.toml and the repair script.
 install: $(STAMP)
@@ -16,13 +17,21 @@ $(STAMP): pyproject.toml tools/fix_cpu_venv.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0+cpu first: pip takes the CPU build that lies on this disk.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,test,tools]'
+	$(PY) -m pip install -q -e '.[cpu,test,tools,ray]'
 	$(PY) tools/fix_cpu_venv.py
 	$(PY) -c "import vllm, vllm_wideep; print('vllm', vllm.__version__, 'ok')"
 	touch $(STAMP)
 
 demo: install
 	$(PY) examples/demo.py --workdir $(DEMO_DIR)
+
+# Retrain the tiny DeepSeek-V3 of the accuracy checks (same bytes as the committed one).
+model: install
+	$(PY) -m vllm_wideep.accuracy.train $(MODEL_DIR)
+
+# lm-eval on the trained model: stock vLLM against wide EP (table in README.md).
+eval: install
+	$(PY) -m vllm_wideep.accuracy.eval --model $(MODEL_DIR)
 
 # The whole suite (CI runs this).
 test: install
@@ -34,6 +43,11 @@ test-quick: install
 
 test-slow: install
 	$(PY) -m pytest -q -rs -m slow tests
+
+# Stock vLLM (TP 1, TP 2) against --enable-wideep at EP 2 on the tiny qwen3_moe, vLLM's
+# benchmark client at 2, 8 and unbounded requests/s (docs/benchmarks.md).
+bench-serve: install
+	$(PY) benchmarks/serve.py
 
 lint: install
 	$(VENV)/bin/ruff check .

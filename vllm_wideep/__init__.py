@@ -17,6 +17,8 @@ Glossary (worked example: DeepSeek-V3, 256 routed experts, top-8, EP = DP 8 x TP
     slot   a place for one expert's weights on a rank; slot ids are global:
            rank r owns slots r * E_local ... (r + 1) * E_local - 1
     P      (token, destination rank) pairs one dispatch sends (<= M * min(k, R))
+    C      rows per peer block of the `capacity` exchange (fixed; default: the per-rank
+           token budget, ceil(max_num_batched_tokens / TP))
 
 Importing this package does not import vLLM (the kernels run where vLLM is absent).
 """

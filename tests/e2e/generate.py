@@ -2,7 +2,8 @@
 
 Run as a subprocess by the tests (each vLLM run in its own process group):
     python tests/e2e/generate.py '<json spec>'
-spec: {"runs": [{"model", "dtype", "tensor_parallel_size", "additional_config"}, ...],
+spec: {"runs": [{"model", "dtype", "tensor_parallel_size", "additional_config",
+                 "distributed_executor_backend"}, ...],
        "prompts": [...], "max_tokens": N, "logprobs": K}
 Output line: `RESULT {"runs": [{"tokens": [[...]], "logprobs": [[{id: lp}, ...]],
                                "stats": [...]}]}`
@@ -20,8 +21,10 @@ def _run(run: dict, prompts, max_tokens: int, logprobs: int) -> dict:
         model=run["model"],
         dtype=run["dtype"],
         tensor_parallel_size=run.get("tensor_parallel_size", 1),
+        distributed_executor_backend=run.get("distributed_executor_backend"),
         additional_config=run.get("additional_config") or {},
         speculative_config=run.get("speculative_config"),
+        disable_log_stats=not run.get("speculative_config"),  # for the acceptance counters
         max_model_len=256,
         enforce_eager=True,
         seed=0,
@@ -42,11 +45,26 @@ def _run(run: dict, prompts, max_tokens: int, logprobs: int) -> dict:
             for o in outputs
         ],
     }
+    if run.get("speculative_config"):
+        result["spec_decode"] = _spec_decode_counts(llm)
     if (run.get("additional_config") or {}).get("wideep", {}).get("enabled"):
         result["stats"] = llm.collective_rpc("wideep_stats")
     del llm
     gc.collect()
     return result
+
+
+def _spec_decode_counts(llm) -> dict[str, int]:
+    """vLLM's speculative-decoding counters: {"draft_tokens": N, "accepted_tokens": M}."""
+    names = {
+        "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+        "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+    }
+    counts = dict.fromkeys(names.values(), 0)
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            counts[names[metric.name]] += int(metric.value)
+    return counts
 
 
 def main() -> None:

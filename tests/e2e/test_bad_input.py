@@ -133,7 +133,10 @@ def test_check_model_accepts_a_dividing_ep_size(engine_config, tiny_model):
 
 def test_ill_typed_option_names_it_and_its_choices(engine_config, tiny_model):
     bad = {"wideep": {"enabled": True, "a2a_backend": "x"}}
-    with pytest.raises(ValueError, match=r"'a2a_backend' must be one of \['a2a'\], got 'x'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'a2a_backend' must be one of \['a2a', 'capacity', 'allgather'\], got 'x'",
+    ):
         engine_config(tiny_model("mixtral"), additional_config=bad)
 
 
@@ -151,3 +154,54 @@ def test_dense_model_is_refused_in_process(engine_config, tiny_model):
     with pytest.raises(ValueError) as error:
         engine_config(tiny_model("dense"), additional_config=WIDEEP)
     assert "has no routed experts" in str(error.value)
+
+
+def _placement_file(path: Path, model: dict, num_ranks: int, rows: list[list[int]]) -> str:
+    data = {
+        "format": "vllm-wideep-placement",
+        "version": 1,
+        "model": model,
+        "num_ranks": num_ranks,
+        "slots_per_rank": len(rows[0]) // num_ranks,
+        "layers": [f"model.layers.{i}.block_sparse_moe.experts" for i in range(len(rows))],
+        "physical_to_logical": rows,
+    }
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+MIXTRAL = {"architecture": "MixtralForCausalLM", "num_experts": 8, "hidden_size": 128}
+
+
+def test_placement_for_another_model_is_refused(engine_config, tiny_model, tmp_path):
+    other = {**MIXTRAL, "architecture": "Qwen3MoeForCausalLM", "num_experts": 16}
+    path = _placement_file(tmp_path / "p.json", other, 2, [list(range(16))] * 2)
+    options = {"wideep": {"enabled": True, "placement": path}}
+    with pytest.raises(ValueError, match="was made for .*Qwen3MoeForCausalLM.* the served model"):
+        engine_config(tiny_model("mixtral"), data_parallel_size=2, additional_config=options)
+
+
+def test_corrupt_placement_file_is_refused(engine_config, tiny_model, tmp_path):
+    rows = [[0, 1, 2, 3, 4, 5, 6, 6]] * 2  # expert 7 missing
+    path = _placement_file(tmp_path / "p.json", MIXTRAL, 2, rows)
+    options = {"wideep": {"enabled": True, "placement": path}}
+    with pytest.raises(
+        ValueError, match=r"invalid placement: layer 0: experts \[7\] are not placed"
+    ):
+        engine_config(tiny_model("mixtral"), data_parallel_size=2, additional_config=options)
+    (tmp_path / "p.json").write_text('{"format": "vllm-wideep-placement", "ver')
+    with pytest.raises(ValueError, match="is not a JSON file"):
+        engine_config(tiny_model("mixtral"), data_parallel_size=2, additional_config=options)
+
+
+def test_placement_for_another_ep_size_is_refused(engine_config, tiny_model, tmp_path):
+    path = _placement_file(tmp_path / "p.json", MIXTRAL, 2, [list(range(8)) + [0, 1]] * 2)
+    options = {"wideep": {"enabled": True, "placement": path}}
+    with pytest.raises(ValueError, match="is for 2 EP ranks, but this deployment has EP size 1"):
+        engine_config(tiny_model("mixtral"), additional_config=options)
+
+
+def test_redundant_experts_not_divisible_by_ep_size_is_refused(engine_config, tiny_model):
+    options = {"wideep": {"enabled": True, "redundant_experts": 3}}
+    with pytest.raises(ValueError, match="must be a multiple of the EP size 2"):
+        engine_config(tiny_model("mixtral"), data_parallel_size=2, additional_config=options)

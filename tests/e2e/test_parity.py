@@ -1,13 +1,14 @@
 """Greedy outputs with `--enable-wideep` equal stock vLLM at TP=1, for every tiny model,
-in float32 and bfloat16, at EP=1, EP=2 through TP=2 (LLM class) and EP=2 through DP=2
-(the OpenAI server, `vllm serve --enable-wideep`)."""
+in float32 and bfloat16, at EP=1, EP=2 through TP=2 (LLM class, with the load balancer
+moving experts every 3 steps) and EP=2 through DP=2 (the OpenAI server,
+`vllm serve --enable-wideep`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests.e2e.compare import assert_greedy_parity
-from tests.e2e.launch import Server, e2e_env, generate
+from tests.e2e.launch import Server, e2e_env, generate, server_complete
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +22,18 @@ PROMPTS = [
 ]
 MAX_TOKENS = 12
 WIDEEP = {"wideep": {"enabled": True}}
+# EP=2 through TP=2 runs with the load balancer on: 2 redundant slots, a new placement
+# planned from the last 16 steps' load every 3 steps, one layer's weights moved per step.
+WIDEEP_REBALANCING = {
+    "wideep": {
+        "enabled": True,
+        "redundant_experts": 2,
+        "eplb": "online",
+        "eplb_interval": 3,
+        "eplb_layers_per_step": 1,
+        "eplb_window": 16,
+    }
+}
 
 
 CASES = [(arch, dtype) for arch in ARCHES for dtype in DTYPES]
@@ -45,35 +58,7 @@ def _experts_used_on_every_rank(stats: list[dict], num_ranks: int) -> None:
 
 
 def _server_generate(server: Server, prompts: list[str]) -> dict:
-    body = {
-        "model": "tiny",
-        "prompt": prompts,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "logprobs": 2,
-        "return_token_ids": True,
-        "return_tokens_as_token_ids": True,
-    }
-    choices = sorted(server.post("/v1/completions", body)["choices"], key=lambda c: c["index"])
-    return _from_choices(choices)
-
-
-def _from_choices(choices: list[dict]) -> dict:
-    """OpenAI completion choices -> {"tokens", "logprobs": [{token id: logprob}]}.
-
-    Requests ask for `return_tokens_as_token_ids`, so top logprobs are keyed
-    "token_id:N": byte-level tokens often share a text, which would collapse them."""
-    return {
-        "tokens": [c["token_ids"] for c in choices],
-        "logprobs": [
-            [
-                {key.removeprefix("token_id:"): lp for key, lp in top.items()}
-                for top in c["logprobs"]["top_logprobs"]
-            ]
-            for c in choices
-        ],
-    }
+    return server_complete(server, prompts, MAX_TOKENS)
 
 
 def _by_case(results):
@@ -110,7 +95,7 @@ def plugin_loaded(tiny_model):
 
 @pytest.fixture(scope="module")
 def tp2(tiny_model):
-    runs = _runs(tiny_model, additional_config=WIDEEP, tensor_parallel_size=2)
+    runs = _runs(tiny_model, additional_config=WIDEEP_REBALANCING, tensor_parallel_size=2)
     return _by_case(generate(_spec(runs), e2e_env(num_ranks=2), timeout=1200))
 
 
@@ -146,13 +131,24 @@ def test_ep1(case, stock, plugin_loaded):
 
 
 @pytest.mark.parametrize("case", CASES, ids="-".join)
-def test_ep2_through_tp2(case, stock, tp2, request):
+def test_ep2_through_tp2_while_rebalancing(case, stock, tp2, request):
     reference = request.getfixturevalue("stock_tp2") if case[0] in MLA_TP_VARIANT else stock
     assert_greedy_parity(reference[case], tp2[case], case[1])
-    _experts_used_on_every_rank(tp2[case]["stats"], 2)
+    stats = tp2[case]["stats"]
+    _experts_used_on_every_rank(stats, 2)
+    for rank in stats:  # every layer moved to new placements, none failed
+        for layer, counters in rank["eplb"].items():
+            assert counters["rebalances"] >= 2, (layer, counters)
+            assert counters["failures"] == 0, (layer, counters)
+    assert sum(c["moved_bytes"] for r in stats for c in r["eplb"].values()) > 0
 
 
-@pytest.mark.parametrize("case", CASES, ids="-".join)
+# Every model in float32; bfloat16 (covered at EP 1 and through TP 2) for DeepSeek-V3
+# only: each case is a server start, the costliest step of the suite.
+SERVER_CASES = [(arch, "float32") for arch in ARCHES] + [("deepseek_v3", "bfloat16")]
+
+
+@pytest.mark.parametrize("case", SERVER_CASES, ids="-".join)
 def test_ep2_through_dp2_server(case, tiny_model, stock):
     arch, dtype = case
     args = ["--enable-wideep", "--data-parallel-size", "2", "--api-server-count", "1"]

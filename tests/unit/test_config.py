@@ -1,6 +1,7 @@
 """WideEPConfig, the CLI flags and the LLM keywords: one option set, one validator."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,10 @@ def test_unknown_option_names_valid_ones():
     "options, message",
     [
         ({"enabled": "yes"}, "'enabled' must be true or false"),
-        ({"a2a_backend": "nccl"}, r"'a2a_backend' must be one of \['a2a'\]"),
+        (
+            {"a2a_backend": "nccl"},
+            r"'a2a_backend' must be one of \['a2a', 'capacity', 'allgather'\]",
+        ),
         ({"experts_backend": 3}, r"'experts_backend' must be one of \['auto', 'triton'"),
     ],
 )
@@ -75,3 +79,10 @@ def test_llm_keywords_fold_and_validate():
     }
     with pytest.raises(ValueError, match="unknown option"):
         fold_llm_kwargs({"enable_wideep": True, "wideep_colour": "blue"})
+
+
+def test_readme_options_table_is_the_generated_one():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert WideEPConfig.options_table() in readme, (
+        "README's options table is stale; paste WideEPConfig.options_table()"
+    )

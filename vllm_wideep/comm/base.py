@@ -2,6 +2,11 @@
 
 dispatch: rows of this rank's tokens -> rows this rank's experts must compute
 combine:  those rows' expert outputs -> one summed output row per source token
+
+Backends (`registry.DISPATCHERS`, chosen by `--wideep-a2a-backend`):
+    a2a        comm/a2a.py        variable-size all_to_all_single, one row per (token, rank)
+    capacity   comm/capacity.py   fixed-size per-peer buffers, no host sync (CUDA graphs)
+    allgather  comm/allgather.py  every token to every rank, reduce-scatter back (reference)
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from typing import Any
 
 import torch
 
+from vllm_wideep.comm.packing import DispatchDtype
+
 
 @dataclass(frozen=True)
 class DispatchResult:
     """What a rank's experts receive.
 
-    hidden_states: `[R, H]` activation dtype, one row per (source token, this rank).
+    hidden_states: `[R, H]` activation dtype, one row per (source token, this rank);
+        backends with fixed-size buffers also hand over padding rows (all ids `-1`).
     topk_ids: `[R, k]` int32 local expert slots, `-1` = the choice is on another rank.
     topk_weights: `[R, k]` float32 router weights, `0` where `topk_ids` is `-1`.
     handle: backend state that `combine` needs to send results back.
@@ -29,12 +37,86 @@ class DispatchResult:
     handle: Any
 
 
+# Columns of `TrafficCounters.totals`, in order.
+TRAFFIC_FIELDS = (
+    "calls",
+    "dispatch_sent_bytes",
+    "dispatch_recv_bytes",
+    "combine_sent_bytes",
+    "combine_recv_bytes",
+    "overflow_rows",
+)
+
+
+class TrafficCounters:
+    """Cumulative token-exchange traffic of one dispatcher (one MoE layer on one rank).
+
+    Bytes count what crosses the link to or from other ranks: a rank's rows for itself
+    are a local copy and are not counted. They include the row-count headers and, for
+    fixed-size buffers, the padding (what the wire carries, not just the payload).
+    `overflow_rows` counts (token, rank) rows that did not fit a `capacity` buffer and
+    went in the second round. `totals` is a device tensor updated with device ops only,
+    so counting adds no host sync and replays inside a CUDA graph; `snapshot()` syncs.
+    """
+
+    def __init__(self) -> None:
+        self.totals: torch.Tensor | None = None  # `[len(TRAFFIC_FIELDS)]` int64
+
+    def add(self, increment: torch.Tensor) -> None:
+        """increment: `[len(TRAFFIC_FIELDS)]` int64 on the data's device."""
+        if self.totals is None:
+            self.totals = torch.zeros_like(increment)
+        self.totals.add_(increment)
+
+    @staticmethod
+    def increment(device: torch.device, **values: int | torch.Tensor) -> torch.Tensor:
+        """`[len(TRAFFIC_FIELDS)]` int64 from named host ints or 0-dim device tensors."""
+        unknown = set(values) - set(TRAFFIC_FIELDS)
+        assert not unknown, f"unknown traffic fields {unknown}"
+        out = torch.zeros(len(TRAFFIC_FIELDS), dtype=torch.int64, device=device)
+        host = {n: v for n, v in values.items() if not isinstance(v, torch.Tensor)}
+        if host:
+            index = [TRAFFIC_FIELDS.index(n) for n in host]
+            out[index] = torch.tensor(list(host.values()), dtype=torch.int64).to(device)
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                out[TRAFFIC_FIELDS.index(name)] += value.to(torch.int64)
+        return out
+
+    def snapshot(self) -> dict[str, int]:
+        """`{field: int}` (zeros before the first call); reads the device."""
+        if self.totals is None:
+            return dict.fromkeys(TRAFFIC_FIELDS, 0)
+        return dict(zip(TRAFFIC_FIELDS, self.totals.tolist(), strict=True))
+
+
 class Dispatcher(ABC):
     """Moves tokens to the ranks that own their experts and the results back.
 
     Every rank of the EP group must call `dispatch` and then `combine` the same number
     of times, also with zero tokens: both are collectives.
+
+    Constructor keywords shared by every backend: `group` (the EP process group),
+    `experts_per_rank` (slots per rank), `num_ranks` (EP size), `dispatch_dtype`
+    (`"auto"` = the activation dtype, `"fp8"` = per-token scaled float8 e4m3).
     """
+
+    def __init__(
+        self,
+        *,
+        group,
+        experts_per_rank: int,
+        num_ranks: int,
+        dispatch_dtype: DispatchDtype = "auto",
+    ):
+        import torch.distributed as dist
+
+        self.group = group
+        self.experts_per_rank = experts_per_rank
+        self.num_ranks = num_ranks
+        self.rank = dist.get_rank(group)
+        self.dispatch_dtype = dispatch_dtype
+        self.traffic = TrafficCounters()
 
     @abstractmethod
     def dispatch(

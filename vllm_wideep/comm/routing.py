@@ -11,6 +11,10 @@ Worked example (4 experts over 2 ranks, so rank r owns experts 2r and 2r+1):
     pairs (rank, token), sorted by rank: (0, 0), (0, 1), (1, 0)
     send_counts = [2, 1]
     local_ids   = [[0, -1], [1, 0], [-1, 1]]
+
+With `max_pairs` the plan has a fixed length (padding pairs at the end go to rank
+`num_ranks`), so fixed-size backends route without a host sync (CUDA-graph safe):
+max_pairs = 5 above adds two pairs with dest_rank 2, token_index 0, local_ids -1.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ class RoutePlan:
     """The (token, destination rank) pairs of one dispatch, grouped by destination.
 
     token_index: `[P]` int64, the source row of each pair; pairs are sorted by
-        destination rank, then by token.
+        destination rank, then by token (padding pairs: 0).
+    dest_rank: `[P]` int64, the destination rank of each pair; `num_ranks` = padding
+        (only in plans built with `max_pairs`).
     send_counts: `[R]` int64, number of pairs per destination rank (sums to P).
     local_ids: `[P, k]` int32, the expert slot on the destination rank for each of the
         token's k choices, `-1` = that choice lives on another rank.
@@ -33,6 +39,7 @@ class RoutePlan:
     """
 
     token_index: torch.Tensor
+    dest_rank: torch.Tensor
     send_counts: torch.Tensor
     local_ids: torch.Tensor
     weights: torch.Tensor
@@ -43,6 +50,7 @@ def plan_routes(
     topk_weights: torch.Tensor,
     experts_per_rank: int,
     num_ranks: int,
+    max_pairs: int | None = None,
 ) -> RoutePlan:
     """Group the tokens' expert choices by owning rank.
 
@@ -50,6 +58,9 @@ def plan_routes(
         `-1` = no expert (the choice is dropped).
     topk_weights: `[M, k]` float, router weights.
     Rank r owns slots `r * experts_per_rank ... (r + 1) * experts_per_rank - 1`.
+    max_pairs: None = exactly the P pairs (the length depends on the data: a host sync
+        on GPU); an int >= P, e.g. `M * min(k, num_ranks)` = every token to every rank
+        it can reach = fixed length, padded.
     """
     num_tokens = topk_ids.shape[0]
     valid = topk_ids >= 0
@@ -59,7 +70,13 @@ def plan_routes(
     hits.scatter_(1, owner, True)
     hits = hits[:, :num_ranks]  # hits[m, r]: token m has a choice on rank r
     # nonzero over the transpose lists pairs by rank first, then by token.
-    dest_rank, token_index = hits.t().nonzero(as_tuple=True)
+    if max_pairs is None:
+        dest_rank, token_index = hits.t().nonzero(as_tuple=True)
+    else:
+        pairs = torch.nonzero_static(hits.t(), size=max_pairs, fill_value=-1)
+        padding = pairs[:, 0] < 0
+        dest_rank = pairs[:, 0].masked_fill(padding, num_ranks)
+        token_index = pairs[:, 1].masked_fill(padding, 0)
     send_counts = hits.sum(dim=0, dtype=torch.int64)
 
     mine = (owner[token_index] == dest_rank[:, None]) & valid[token_index]  # [P, k]
@@ -67,4 +84,4 @@ def plan_routes(
         mine, topk_ids[token_index] - dest_rank[:, None] * experts_per_rank, -1
     ).to(torch.int32)
     weights = torch.where(mine, topk_weights[token_index].float(), 0.0)
-    return RoutePlan(token_index, send_counts, local_ids, weights)
+    return RoutePlan(token_index, dest_rank, send_counts, local_ids, weights)

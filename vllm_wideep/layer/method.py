@@ -8,6 +8,7 @@ already sharded to this rank's experts by vLLM's loader (EP size = DP x TP).
 
 from __future__ import annotations
 
+import torch
 from vllm.config import get_current_vllm_config
 from vllm.distributed import get_ep_group, get_tp_group
 from vllm.model_executor.layers.fused_moe import modular_kernel as mk
@@ -15,9 +16,14 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
     UnquantizedFusedMoEMethod,
 )
 
-from vllm_wideep.comm.registry import DISPATCHERS
+from vllm_wideep.comm.registry import make_dispatcher
+from vllm_wideep.eplb.balancer import register_layer
+from vllm_wideep.eplb.files import read_placement
+from vllm_wideep.eplb.mover import apply_moves, plan_moves
 from vllm_wideep.layer.experts import WideEPExperts
 from vllm_wideep.layer.prepare_finalize import TokenSlice, WideEPPrepareAndFinalize
+from vllm_wideep.layer.remap import ExpertRouting
+from vllm_wideep.layer.slots import ExpertSlots, home_placement
 from vllm_wideep.plugin.config import WideEPConfig
 
 
@@ -30,35 +36,112 @@ class WideEPUnquantizedMethod(UnquantizedFusedMoEMethod):
         if self.wideep.enabled:
             _check_supported(moe)
 
+    def create_weights(self, layer, num_experts: int, *args, **kwargs):
+        """vLLM's weights, with `redundant_experts / R` extra slots per rank."""
+        if self.wideep.enabled:
+            num_experts += self.wideep.redundant_experts // self.moe.moe_parallel_config.ep_size
+        return super().create_weights(layer, num_experts, *args, **kwargs)
+
     def process_weights_after_loading(self, layer) -> None:
         if not self.wideep.enabled:
             return super().process_weights_after_loading(layer)
         # No backend prepacking: the wide-EP experts read the canonical layout.
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
-        self.moe_kernel = mk.FusedMoEKernel(
-            self._make_prepare_finalize(layer),
-            WideEPExperts(
-                self.moe,
-                self.moe_quant_config,
-                backend=self.wideep.experts_backend,
-                num_local_experts=layer.w13_weight.shape[0],
-            ),
+        self.slots = self._make_slots(layer)
+        register_layer(get_current_vllm_config().parallel_config, self.slots, self.wideep)
+        experts = WideEPExperts(
+            self.moe,
+            self.moe_quant_config,
+            backend=self.wideep.experts_backend,
+            num_local_experts=layer.w13_weight.shape[0],
         )
+        self.slots.tokens_per_slot = experts.tokens_per_expert
+        self.moe_kernel = mk.FusedMoEKernel(self._make_prepare_finalize(layer), experts)
 
     def _make_prepare_finalize(self, layer) -> WideEPPrepareAndFinalize:
         parallel = self.moe.moe_parallel_config
         ep_group = get_ep_group()
-        dispatcher = DISPATCHERS[self.wideep.a2a_backend](
+        # Bounds on the rows one rank dispatches per call (TP ranks each take a slice),
+        # for the fixed-size buffers of the `capacity` backend.
+        vllm_config = get_current_vllm_config()
+        tp_size = get_tp_group().world_size
+        budget = vllm_config.scheduler_config.max_num_batched_tokens
+        graph_tokens = max(vllm_config.compilation_config.cudagraph_capture_sizes or [0])
+        dispatcher = make_dispatcher(
+            self.wideep,
             group=ep_group.device_group,
             experts_per_rank=layer.w13_weight.shape[0],
             num_ranks=ep_group.world_size,
+            max_tokens_per_rank=-(-budget // tp_size),
+            graph_tokens_per_rank=-(-graph_tokens // tp_size),
         )
         if parallel.is_sequence_parallel:
             token_slice = TokenSlice(rank=0, size=1)  # vLLM already split the tokens
         else:
             tp_group = get_tp_group()
             token_slice = TokenSlice(tp_group.rank_in_group, tp_group.world_size)
-        return WideEPPrepareAndFinalize(dispatcher, token_slice, ep_group.world_size)
+        return WideEPPrepareAndFinalize(
+            dispatcher, token_slice, ep_group.world_size, slots=self.slots
+        )
+
+    def _make_slots(self, layer) -> ExpertSlots:
+        """Fill the extra slots, then move to the placement file's placement, if any."""
+        ep_group = get_ep_group()
+        num_ranks, rank = ep_group.world_size, ep_group.rank_in_group
+        num_experts = self.moe.num_experts
+        weights = [layer.w13_weight.data, layer.w2_weight.data]
+        slots_per_rank = weights[0].shape[0]
+        experts_per_rank = num_experts // num_ranks
+        for w in weights:  # extra slot j starts as a copy of local expert j % (E / R)
+            for j in range(experts_per_rank, slots_per_rank):
+                w[j].copy_(w[j % experts_per_rank])
+        home = home_placement(num_experts, num_ranks, slots_per_rank)
+        balanced = self.wideep.eplb != "off" or self.wideep.placement is not None
+        routing = None
+        if balanced or slots_per_rank > experts_per_rank:
+            routing = ExpertRouting(
+                num_experts, len(home) - num_experts + 1, rank, weights[0].device
+            )
+        slots = ExpertSlots(
+            layer_name=layer.layer_name,
+            num_experts=num_experts,
+            num_ranks=num_ranks,
+            rank=rank,
+            slots_per_rank=slots_per_rank,
+            weights=weights,
+            physical_to_logical=home,
+            routing=routing,
+            step_counts=torch.zeros(num_experts, dtype=torch.int64, device=weights[0].device),
+        )
+        if routing is not None:
+            slots.set_placement(home)
+        if self.wideep.placement is not None:
+            target = _placement_row(self.wideep.placement, layer.layer_name, home)
+            plan = plan_moves(home, target, slots_per_rank)
+            if not apply_moves(plan, weights, rank, num_ranks, ep_group.device_group):
+                raise RuntimeError(
+                    f"vllm_wideep: moving {layer.layer_name}'s experts to the placement in "
+                    f"{self.wideep.placement} failed verification (a checksum mismatch)"
+                )
+            slots.set_placement(target)
+        return slots
+
+
+def _placement_row(path: str, layer_name: str, home: torch.Tensor) -> torch.Tensor:
+    """This layer's row of the placement file; the front end checked the model identity."""
+    record = read_placement(path)
+    if layer_name not in record.layers:
+        raise ValueError(
+            f"vllm_wideep: placement file {path} has no row for MoE layer {layer_name!r} "
+            f"(it has {record.layers}); was it made for this model?"
+        )
+    row = record.row_for(layer_name)
+    if row.shape != home.shape:
+        raise ValueError(
+            f"vllm_wideep: placement file {path} has {row.numel()} slots per layer; this "
+            f"deployment has {home.numel()}"
+        )
+    return row
 
 
 def _check_supported(moe) -> None:

@@ -16,6 +16,7 @@ import torch
 from vllm.model_executor.layers.fused_moe import modular_kernel as mk
 
 from vllm_wideep.comm.base import Dispatcher
+from vllm_wideep.layer.slots import ExpertSlots
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,12 @@ class _Pending:
 
 
 class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
-    def __init__(self, dispatcher: Dispatcher, token_slice: TokenSlice, ep_size: int):
+    def __init__(
+        self, dispatcher: Dispatcher, token_slice: TokenSlice, ep_size: int, slots: ExpertSlots
+    ):
         super().__init__()
         self.dispatcher = dispatcher
+        self.slots = slots
         self.token_slice = token_slice
         self.ep_size = ep_size
         self._pending: _Pending | None = None
@@ -78,9 +82,8 @@ class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             a1 = a1 * topk_weights.to(a1.dtype)
             topk_weights = torch.ones_like(topk_weights)
         start, end = self.token_slice.bounds(a1.shape[0])
-        result = self.dispatcher.dispatch(
-            a1[start:end], topk_ids[start:end], topk_weights[start:end]
-        )
+        slot_ids = self.slots.route(topk_ids[start:end])  # logical ids -> slots, counted
+        result = self.dispatcher.dispatch(a1[start:end], slot_ids, topk_weights[start:end])
         self._pending = _Pending(result.handle, start, end)
         return result.hidden_states, None, None, result.topk_ids, result.topk_weights
 

@@ -16,6 +16,7 @@ from vllm.model_executor.layers.fused_moe import MoERunner
 
 from vllm_wideep.layer.method import WideEPUnquantizedMethod
 from vllm_wideep.plugin.config import WideEPConfig
+from vllm_wideep.plugin.worker import install_eplb_hook
 
 
 class WideEPMoERunner(MoERunner):
@@ -27,6 +28,7 @@ class WideEPMoERunner(MoERunner):
         super().__init__(*args, **kwargs)
         if not self.wideep_enabled:
             return
+        install_eplb_hook()
         quant_method = self.routed_experts.quant_method
         if not isinstance(quant_method, WideEPUnquantizedMethod):
             raise NotImplementedError(
@@ -47,3 +49,10 @@ class WideEPMoERunner(MoERunner):
     def tokens_per_expert(self) -> torch.Tensor:
         """`[E_local]` int64 (token, expert) rows this rank's experts computed."""
         return self.routed_experts.quant_method.moe_kernel.fused_experts.tokens_per_expert
+
+    @property
+    def traffic(self) -> dict[str, int]:
+        """Cumulative bytes this rank's token exchange moved for this layer, and calls
+        (`comm.base.TrafficCounters`); reads the device."""
+        dispatcher = self.routed_experts.quant_method.moe_kernel.prepare_finalize.dispatcher
+        return dispatcher.traffic.snapshot()

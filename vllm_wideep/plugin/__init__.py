@@ -11,6 +11,7 @@ def register() -> None:
     from vllm_wideep.plugin.cli import patch_cli
     from vllm_wideep.plugin.engine import patch_engine_config
     from vllm_wideep.plugin.patch import patch_moe
+    from vllm_wideep.plugin.ray_cpu import patch_ray_cpu
     from vllm_wideep.plugin.worker import patch_dp_client, patch_worker
 
     patch_cli()
@@ -18,3 +19,4 @@ def register() -> None:
     patch_moe()
     patch_worker()
     patch_dp_client()
+    patch_ray_cpu()

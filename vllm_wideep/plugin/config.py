@@ -9,12 +9,17 @@ spellings of the same dict; this module is the one place that reads it.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-A2ABackend = Literal["a2a"]
+A2ABackend = Literal["a2a", "capacity", "allgather"]
+DispatchDtype = Literal["auto", "fp8"]
 ExpertsBackend = Literal["auto", "triton", "torch"]
+EplbMode = Literal["off", "online"]
+EplbStats = Literal["window", "decay"]
 
 ADDITIONAL_CONFIG_KEY = "wideep"
 
@@ -32,7 +37,11 @@ class WideEPConfig:
         default="a2a",
         metadata={
             "help": "Token exchange between EP ranks. 'a2a': variable-size "
-            "all_to_all_single over the EP group (NCCL on GPU, gloo on CPU)."
+            "all_to_all_single over the EP group (NCCL on GPU, gloo on CPU), one row per "
+            "(token, destination rank); syncs with the host, so CUDA graphs are turned "
+            "off. 'capacity': fixed-size per-peer buffers, no host sync, keeps CUDA "
+            "graphs; sends padding. 'allgather': every token to every rank and a "
+            "reduce-scatter back; the reference (CUDA graphs off)."
         },
     )
     experts_backend: ExpertsBackend = field(
@@ -42,12 +51,86 @@ class WideEPConfig:
             "or 'auto' (Triton on GPU, torch on CPU)."
         },
     )
+    capacity_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Rows per peer buffer of the 'capacity' backend; 0 = the per-rank "
+            "token budget ceil(max_num_batched_tokens / TP), which never overflows. A "
+            "smaller value (raised to the largest CUDA-graph batch) sends less padding; "
+            "eager batches with more rows for a peer send the rest in a second round."
+        },
+    )
+    dispatch_dtype: DispatchDtype = field(
+        default="auto",
+        metadata={
+            "help": "Dispatch payload: 'auto' = the activation dtype; 'fp8' = float8 "
+            "e4m3 with one scale per token (half the bf16 bytes; combine stays in the "
+            "activation dtype)."
+        },
+    )
+
+    # Expert-parallel load balancing (vllm_wideep/eplb/).
+    redundant_experts: int = field(
+        default=0,
+        metadata={
+            "help": "Extra expert slots per MoE layer, over all EP ranks (a multiple of "
+            "the EP size); they hold replicas of hot experts."
+        },
+    )
+    placement: str | None = field(
+        default=None,
+        metadata={
+            "help": "Expert placement file to start from (written by "
+            "'vllm-wideep eplb placement'); default: experts in order, rank r "
+            "holding the r-th block."
+        },
+    )
+    eplb: EplbMode = field(
+        default="off",
+        metadata={
+            "help": "'online': re-plan the placement from the recorded load every "
+            "--wideep-eplb-interval steps and move expert weights in place between "
+            "steps. 'off': keep the start placement."
+        },
+    )
+    eplb_interval: int = field(
+        default=3000, metadata={"help": "Engine steps between two online re-plans."}
+    )
+    eplb_layers_per_step: int = field(
+        default=4,
+        metadata={"help": "MoE layers whose weights move in one engine step while re-planning."},
+    )
+    eplb_stats: EplbStats = field(
+        default="window",
+        metadata={
+            "help": "Expert load statistics: 'window' sums the last --wideep-eplb-window "
+            "steps; 'decay' weighs steps by 0.5 ** (age / --wideep-eplb-window)."
+        },
+    )
+    eplb_window: int = field(
+        default=1000,
+        metadata={"help": "Steps in the load window ('window'), or the half-life ('decay')."},
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _check_type(f.name, value, hints[f.name])
+        if self.capacity_tokens < 0:
+            raise ValueError(
+                f"vllm_wideep: option 'capacity_tokens' must be >= 0, got {self.capacity_tokens}"
+            )
+        for name in ("eplb_interval", "eplb_layers_per_step", "eplb_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"vllm_wideep: option '{name}' must be >= 1, got {getattr(self, name)}"
+                )
+        if self.redundant_experts < 0:
+            raise ValueError(
+                f"vllm_wideep: option 'redundant_experts' must be >= 0, "
+                f"got {self.redundant_experts}"
+            )
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -81,6 +164,22 @@ class WideEPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def options_table(cls) -> str:
+        """The README's options table (Markdown), made from the fields."""
+        from vllm_wideep.plugin.cli import flag_for
+
+        hints = typing.get_type_hints(cls)
+        rows = ["| name | flag | default | help |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            flag = flag_for(f.name)
+            if typing.get_origin(hints[f.name]) is Literal:
+                flag += " {" + ",".join(get_args(hints[f.name])) + "}"
+            default = "`" + json.dumps(f.default) + "`"
+            help_ = re.sub(r"'([^' ]+)'", r"`\1`", f.metadata.get("help", ""))
+            rows.append(f"| `{f.name}` | `{flag}` | {default} | {help_} |")
+        return "\n".join(rows)
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:

@@ -7,6 +7,9 @@ before a weight is loaded.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from vllm_wideep.plugin.config import ADDITIONAL_CONFIG_KEY, WideEPConfig
 
 _PATCHED_MARK = "_vllm_wideep_engine_patched"
@@ -52,7 +55,7 @@ def adjust_engine_args(engine_args, config: WideEPConfig) -> None:
             _DEFAULT_ALL2ALL,
         )
         engine_args.all2all_backend = _DEFAULT_ALL2ALL
-    _disable_cuda_graphs(engine_args)
+    _apply_cuda_graph_policy(engine_args, config)
     if not engine_args.enable_expert_parallel:
         logger.info(
             "vllm_wideep: enabling expert parallelism (EP size = DP x TP = %d).",
@@ -61,26 +64,45 @@ def adjust_engine_args(engine_args, config: WideEPConfig) -> None:
         engine_args.enable_expert_parallel = True
 
 
-def _disable_cuda_graphs(engine_args) -> None:
-    """The `a2a` exchange learns its split sizes on the host (a sync per layer), which a
-    CUDA graph cannot capture: run the engine without graphs on GPUs."""
+def cuda_graph_policy(config: WideEPConfig) -> tuple[bool, str]:
+    """(keep vLLM's CUDA-graph mode, why) for the chosen token exchange. Pure.
+
+    `capacity` moves fixed-size buffers and never reads a count on the host inside a
+    captured batch (its buffers are sized to the largest graph batch), so the MoE layers
+    can be captured. `a2a` and `allgather` learn their split sizes on the host, a sync
+    per layer that a CUDA graph cannot capture."""
+    if config.a2a_backend == "capacity":
+        return True, "the capacity exchange has fixed sizes and no host sync"
+    return False, f"the {config.a2a_backend} exchange syncs with the host"
+
+
+def _apply_cuda_graph_policy(engine_args, config: WideEPConfig) -> None:
+    """Turn CUDA graphs off on GPUs when `cuda_graph_policy` says so, with a log line."""
     from vllm.config import CompilationConfig
     from vllm.config.compilation import CUDAGraphMode
     from vllm.platforms import current_platform
 
     if not current_platform.is_cuda_alike() or engine_args.enforce_eager:
         return
+    keep, why = cuda_graph_policy(config)
+    if keep:
+        _logger().info("vllm_wideep: CUDA graphs stay on (%s).", why)
+        return
     compilation = engine_args.compilation_config
     if isinstance(compilation, dict):
         compilation = CompilationConfig(**compilation)
     if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
         _logger().warning(
-            "vllm_wideep: cudagraph_mode %s replaced by NONE: the a2a exchange syncs "
-            "with the host.",
+            "vllm_wideep: cudagraph_mode %s replaced by NONE: %s; "
+            "--wideep-a2a-backend capacity keeps CUDA graphs.",
             compilation.cudagraph_mode,
+            why,
         )
     else:
-        _logger().info("vllm_wideep: CUDA graphs off (the a2a exchange syncs with the host).")
+        _logger().info(
+            "vllm_wideep: CUDA graphs off (%s); --wideep-a2a-backend capacity keeps them.",
+            why,
+        )
     compilation.cudagraph_mode = CUDAGraphMode.NONE
     engine_args.compilation_config = compilation
 
@@ -108,9 +130,42 @@ def check_model(model_config, data_parallel_size: int, tensor_parallel_size: int
         )
 
 
+def resolve_balancing(config: WideEPConfig, model_config, ep_size: int) -> WideEPConfig:
+    """Check the load-balancing options against the model and EP size; a placement file
+    fixes the slot count (`redundant_experts` follows from it when not given)."""
+    num_experts = model_config.get_num_experts()
+    redundant = config.redundant_experts
+    if config.placement is not None:
+        from vllm_wideep.eplb.files import ModelIdentity, read_placement
+
+        path = os.path.abspath(config.placement)
+        record = read_placement(path)
+        record.model.check_matches(ModelIdentity.from_model_config(model_config), path)
+        if record.placement.num_ranks != ep_size:
+            raise ValueError(
+                f"vllm_wideep: placement file {path} is for {record.placement.num_ranks} EP "
+                f"ranks, but this deployment has EP size {ep_size}"
+            )
+        file_redundant = record.placement.num_slots - num_experts
+        if redundant not in (0, file_redundant):
+            raise ValueError(
+                f"vllm_wideep: --wideep-redundant-experts {redundant} disagrees with the "
+                f"placement file {path}, which has {file_redundant} redundant slots per layer"
+            )
+        config = dataclasses.replace(config, placement=path, redundant_experts=file_redundant)
+    elif redundant % ep_size != 0:
+        raise ValueError(
+            f"vllm_wideep: --wideep-redundant-experts {redundant} must be a multiple of the "
+            f"EP size {ep_size} (every rank gets the same number of extra slots)"
+        )
+    return config
+
+
 def patch_engine_config() -> None:
     """Wrap `EngineArgs.create_engine_config` (idempotent)."""
     from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_wideep.plugin.ray_cpu import prepare_ray_workers, refuse_ray_on_cpu
 
     if getattr(EngineArgs, _PATCHED_MARK, False):
         return
@@ -120,15 +175,24 @@ def patch_engine_config() -> None:
     def create_engine_config(self, *args, **kwargs):
         config = WideEPConfig.from_additional_config(self.additional_config)
         if not config.enabled:
+            refuse_ray_on_cpu(self)  # stock vLLM's answer; wide EP lifts it
             return original(self, *args, **kwargs)
+        adjust_engine_args(self, config)
+        model_config = self.create_model_config()
+        check_model(model_config, self.data_parallel_size, self.tensor_parallel_size)
+        config = resolve_balancing(
+            config, model_config, self.data_parallel_size * self.tensor_parallel_size
+        )
         # Store the validated, complete option set: workers read it back from here.
         self.additional_config = {
             **(self.additional_config or {}),
             ADDITIONAL_CONFIG_KEY: config.to_dict(),
         }
-        adjust_engine_args(self, config)
-        check_model(self.create_model_config(), self.data_parallel_size, self.tensor_parallel_size)
+        from vllm_wideep.plugin.metrics import install_collector
+
+        install_collector()
         vllm_config = original(self, *args, **kwargs)
+        prepare_ray_workers(vllm_config)
         _logger().info("vllm_wideep: wide EP enabled with %s", config)
         return vllm_config
 

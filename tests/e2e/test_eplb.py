@@ -1,0 +1,94 @@
+"""The balancer through the real server (EP=2 through DP=2) and commands: serve with
+online rebalancing, read its metrics on `/metrics`, record the expert load, plan a
+placement file, serve from it: the same tokens, the file's placement in every layer."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests.e2e.compare import assert_greedy_parity
+from tests.e2e.launch import VENV_BIN, Server, e2e_env, server_complete
+from vllm_wideep.eplb.files import read_load, read_placement
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The quick brown fox", "Once upon a time in a land far away, there lived", "Hi"]
+MAX_TOKENS = 20
+SERVE = ["--data-parallel-size", "2", "--api-server-count", "1", "--dtype", "float32"]
+SERVE += ["--max-model-len", "256", "--enforce-eager", "--served-model-name", "tiny"]
+
+
+def _cli(*args: str) -> str:
+    done = subprocess.run(
+        [str(VENV_BIN / "vllm-wideep"), "eplb", *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _metric(text: str, name: str) -> dict[str, float]:
+    """`{labels: value}` of one metric in Prometheus text format."""
+    pattern = re.compile(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", re.M)
+    return {labels: float(value) for labels, value in pattern.findall(text)}
+
+
+def test_record_plan_and_serve_from_a_placement_file(tiny_model, tmp_path):
+    model = tiny_model("qwen3_moe")
+    env = e2e_env(num_ranks=2, VLLM_SERVER_DEV_MODE="1")  # POST /collective_rpc
+    load_file, placement_file = tmp_path / "load.json", tmp_path / "placement.json"
+
+    online = ["--wideep-eplb", "online", "--wideep-eplb-interval", "4"]
+    online += ["--wideep-redundant-experts", "2"]
+    with Server(model, ["--enable-wideep", *online, *SERVE], env) as server:
+        before = server_complete(server, PROMPTS, MAX_TOKENS)
+        _cli("record", "--url", server.url, "--out", str(load_file))
+        metrics = server.get_text("/metrics")
+    load = read_load(load_file)
+    assert load.layers == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    # each layer saw every token once, with its top-4 choices, on one rank or the other
+    per_layer = load.load.sum(dim=1)
+    assert per_layer[0] == per_layer[1] > 0 and per_layer[0] % 4 == 0
+    balance = _metric(metrics, "vllm_wideep:balancedness")
+    assert set(balance) == {f'layer="{name}"' for name in load.layers}, metrics[-2000:]
+    assert all(0 < v <= 1 for v in balance.values())
+    assert len(_metric(metrics, "vllm_wideep:rank_tokens")) == 4  # 2 layers x 2 ranks
+    rebalances = _metric(metrics, "vllm_wideep:eplb_rebalances_total")
+    assert len(rebalances) == 2 and min(rebalances.values()) >= 1, metrics[-3000:]
+    assert max(_metric(metrics, "vllm_wideep:eplb_failures_total").values()) == 0
+
+    printed = _cli(
+        "placement",
+        "--load",
+        str(load_file),
+        "--ep-size",
+        "2",
+        "--redundant-experts",
+        "2",
+        "--out",
+        str(placement_file),
+    )
+    assert "balancedness before" in printed
+    _cli(
+        "heatmap",
+        "--load",
+        str(load_file),
+        "--placement",
+        str(placement_file),
+        "--out",
+        str(tmp_path / "load.png"),
+    )
+    assert (tmp_path / "load.png").stat().st_size > 0
+    placement = read_placement(placement_file)
+
+    args = ["--enable-wideep", "--wideep-placement", str(placement_file), *SERVE]
+    with Server(model, args, env) as server:
+        after = server_complete(server, PROMPTS, MAX_TOKENS)
+        replies = server.post("/collective_rpc", {"method": "wideep_load"})["results"]
+    assert_greedy_parity(before, after, "float32")
+    assert sorted(r["ep_rank"] for r in replies) == [0, 1]
+    for reply in replies:  # serving from the file's placement, in every layer
+        for name, row in zip(reply["layers"], reply["physical_to_logical"], strict=True):
+            assert row == placement.row_for(name).tolist(), name

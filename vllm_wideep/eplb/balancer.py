@@ -1,0 +1,191 @@
+"""The per-worker load balancer: count load each step, re-plan every `eplb_interval`
+steps, move a few layers' weights per step between forward passes.
+
+Lifecycle, once per engine step on every EP rank (vLLM calls `eplb_step` after each
+step, and idle data-parallel ranks run a dummy step at the same time, so all ranks count
+the same steps):
+
+    step k:          fold each layer's step counts into the load window (device only)
+    k % interval:    all-reduce the window over the EP group, plan on rank 0
+                     (`plan_placement`, keeping experts where they are when that is free),
+                     broadcast; the layers whose placement changed become pending
+    while pending:   move `eplb_layers_per_step` layers: weights in place, then the
+                     layer's routing tables; the forward pass after this step sees the
+                     new placement whole, the one before saw the old one whole
+
+Dummy steps move weights like real steps but add no load (their tokens are padding).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from vllm_wideep.eplb.mover import apply_moves, plan_moves
+from vllm_wideep.eplb.placement import Placement
+from vllm_wideep.eplb.policy import plan_placement
+from vllm_wideep.eplb.stats import LoadWindow
+from vllm_wideep.layer.slots import ExpertSlots
+from vllm_wideep.plugin.config import WideEPConfig
+
+logger = logging.getLogger("vllm_wideep")
+
+
+@dataclass
+class LayerCounters:
+    """Cumulative balancer work on one layer, this rank."""
+
+    rebalances: int = 0
+    failures: int = 0
+    moved_bytes: int = 0  # bytes this rank received from other ranks
+    seconds: float = 0.0  # wall time spent moving this layer
+
+
+@dataclass
+class Balancer:
+    layers: list[ExpertSlots]
+    config: WideEPConfig
+    group: dist.ProcessGroup | None
+    steps: int = 0
+    pending: list[int] = field(default_factory=list)  # layer indices still to move
+    target: torch.Tensor | None = None  # [L, N] int64, the plan being applied
+    counters: list[LayerCounters] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        first = self.layers[0]
+        self.num_ranks, self.rank = first.num_ranks, first.rank
+        self.slots_per_rank = first.slots_per_rank
+        self.num_experts = max(layer.num_experts for layer in self.layers)
+        if self.config.eplb == "online" and any(
+            (layer.slots_per_rank, layer.num_experts) != (self.slots_per_rank, self.num_experts)
+            for layer in self.layers
+        ):
+            raise NotImplementedError(
+                "vllm_wideep: online rebalancing needs every MoE layer to have the same "
+                "number of experts and slots"
+            )
+        self.window = LoadWindow(
+            len(self.layers),
+            self.num_experts,
+            self.config.eplb_stats,
+            self.config.eplb_window,
+            first.step_counts.device,
+        )
+        self.counters = [LayerCounters() for _ in self.layers]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.layer_name for layer in self.layers]
+
+    def placement(self) -> Placement:
+        return Placement(
+            torch.stack([layer.physical_to_logical for layer in self.layers]), self.num_ranks
+        )
+
+    def step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
+        counts = [layer.step_counts for layer in self.layers]
+        if not (is_dummy or is_profile):
+            self.window.add_step(self._stack(counts))
+        torch._foreach_zero_(counts)
+        if is_profile:
+            return
+        self.steps += 1
+        if self.config.eplb != "online":
+            return
+        if not self.pending and self.steps % self.config.eplb_interval == 0:
+            self._plan()
+        if self.pending:
+            todo = self.pending[: self.config.eplb_layers_per_step]
+            self.pending = self.pending[len(todo) :]
+            for index in todo:
+                self._move(index)
+
+    def load(self) -> torch.Tensor:
+        """`[L, E]` float64 on CPU, this rank's windowed load."""
+        return self.window.total().cpu()
+
+    def _stack(self, counts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([F.pad(c, (0, self.num_experts - c.numel())) for c in counts])
+
+    def _plan(self) -> None:
+        load = self.window.total()
+        if self.num_ranks > 1:
+            dist.all_reduce(load, group=self.group)
+        current = self.placement().physical_to_logical
+        if self.rank == 0:
+            target = plan_placement(load.cpu(), self.num_ranks, self.slots_per_rank, current)
+        else:
+            target = torch.empty_like(current)
+        if self.num_ranks > 1:
+            target = target.to(load.device)
+            dist.broadcast(target, src=dist.get_global_rank(self.group, 0), group=self.group)
+        self.target = target.cpu()
+        self.pending = [
+            i for i in range(len(self.layers)) if not torch.equal(self.target[i], current[i])
+        ]
+        logger.info(
+            "vllm_wideep: step %d: new expert placement for %d of %d MoE layers",
+            self.steps,
+            len(self.pending),
+            len(self.layers),
+        )
+
+    def _move(self, index: int) -> None:
+        layer, counter = self.layers[index], self.counters[index]
+        target = self.target[index]
+        start = time.perf_counter()
+        plan = plan_moves(layer.physical_to_logical, target, self.slots_per_rank)
+        try:
+            ok = apply_moves(plan, layer.weights, self.rank, self.num_ranks, self.group)
+        except (RuntimeError, ValueError) as e:
+            logger.error("vllm_wideep: moving experts of %s failed: %s", layer.layer_name, e)
+            ok = False
+        counter.seconds += time.perf_counter() - start
+        if not ok:
+            counter.failures += 1
+            logger.error(
+                "vllm_wideep: %s keeps its old expert placement (a moved slot failed "
+                "verification); serving goes on",
+                layer.layer_name,
+            )
+            return
+        layer.set_placement(target)
+        counter.rebalances += 1
+        remote = [m for m in plan.incoming(self.rank) if plan.rank_of(m.src_slot) != self.rank]
+        slot_bytes = sum(w[0].numel() * w.element_size() for w in layer.weights)
+        counter.moved_bytes += len(remote) * slot_bytes
+
+
+# Wide-EP layers register on the worker's `ParallelConfig` (one per engine; vLLM's model
+# runners and EPLB controllers both hold it) as they finish loading, and the balancer is
+# built at the first step, once every model (the drafter too) is loaded.
+_LAYERS_ATTR = "_vllm_wideep_layers"
+_BALANCER_ATTR = "_vllm_wideep_balancer"
+
+
+def register_layer(parallel_config, slots: ExpertSlots, config: WideEPConfig) -> None:
+    layers = getattr(parallel_config, _LAYERS_ATTR, None)
+    if layers is None:
+        layers = []
+        setattr(parallel_config, _LAYERS_ATTR, layers)
+    layers.append((slots, config))
+    setattr(parallel_config, _BALANCER_ATTR, None)
+
+
+def balancer_for(parallel_config) -> Balancer | None:
+    """This engine's balancer, or None if it has no wide-EP layer."""
+    balancer = getattr(parallel_config, _BALANCER_ATTR, None)
+    layers = getattr(parallel_config, _LAYERS_ATTR, None)
+    if balancer is None and layers:
+        from vllm.distributed import get_ep_group
+
+        config = layers[0][1]
+        group = get_ep_group().device_group
+        balancer = Balancer([slots for slots, _ in layers], config, group)
+        setattr(parallel_config, _BALANCER_ATTR, balancer)
+    return balancer

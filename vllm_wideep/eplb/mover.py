@@ -1,0 +1,172 @@
+"""Move expert weights from one placement to another, in place, for one layer.
+
+`plan_moves(old, new, slots_per_rank)` is pure: it lists, for every slot whose expert
+changes, the slot it copies from. `apply_moves(plan, weights, rank, group)` does the copies:
+
+    1. stage: every changed slot of this rank is filled into a staging buffer, by a local
+       copy when this rank already holds the expert, else by a P2P receive; sends read the
+       old weights, which are not written yet, so the order of moves does not matter;
+    2. verify: each staged slot's checksum must equal its source slot's (computed by the
+       source rank and all-gathered); the EP group agrees with an all-reduce (MIN);
+    3. commit, only if every rank verified: copy the staged slots into the weights in place
+       (same storage: captured CUDA graphs stay valid).
+
+A failed verification leaves every rank's weights as they were and returns False.
+
+Worked example (S = 2; old = [0, 1 | 2, 3], new = [0, 2 | 2, 1]):
+    slot 1 (rank 0) gets expert 2 from slot 2 (rank 1): a P2P transfer
+    slot 3 (rank 1) gets expert 1 from slot 1 (rank 0): a P2P transfer, reading slot 1
+        before rank 0 overwrites it (staging)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class SlotMove:
+    """Slot `dst_slot` receives `expert`, whose weights are in `src_slot` under the old
+    placement (global slot ids)."""
+
+    dst_slot: int
+    src_slot: int
+    expert: int
+
+
+@dataclass(frozen=True)
+class MovePlan:
+    """The moves turning one layer's old placement into its new one.
+
+    Invariant: exactly one move per slot whose expert changes, none for the others; a
+    move's source slot holds its expert under the old placement, and is on the
+    destination's own rank whenever that rank held the expert.
+    """
+
+    moves: tuple[SlotMove, ...]
+    slots_per_rank: int
+
+    def rank_of(self, slot: int) -> int:
+        return slot // self.slots_per_rank
+
+    def incoming(self, rank: int) -> list[SlotMove]:
+        """Moves into this rank's slots, in plan order."""
+        return [m for m in self.moves if self.rank_of(m.dst_slot) == rank]
+
+    def outgoing(self, rank: int) -> list[SlotMove]:
+        """Moves from this rank's slots to other ranks, in plan order."""
+        return [
+            m
+            for m in self.moves
+            if self.rank_of(m.src_slot) == rank and self.rank_of(m.dst_slot) != rank
+        ]
+
+
+def plan_moves(old: torch.Tensor, new: torch.Tensor, slots_per_rank: int) -> MovePlan:
+    """old, new: `[N]` int64, one layer's physical_to_logical before and after.
+
+    The source of a move is, in order of preference, a slot of the destination's own rank
+    holding the expert (the lowest), else one of the expert's old slots chosen by the
+    destination rank (`holders[dst_rank % len(holders)]`) to spread the sends.
+    """
+    old_list, new_list = old.tolist(), new.tolist()
+    if len(old_list) != len(new_list):
+        raise ValueError(f"placements differ in size: {len(old_list)} vs {len(new_list)}")
+    holders: dict[int, list[int]] = {}
+    for slot, expert in enumerate(old_list):
+        holders.setdefault(expert, []).append(slot)
+    moves = []
+    for dst, (before, after) in enumerate(zip(old_list, new_list, strict=True)):
+        if before == after:
+            continue
+        if after not in holders:
+            raise ValueError(f"expert {after} is in no slot of the old placement")
+        dst_rank = dst // slots_per_rank
+        same_rank = [s for s in holders[after] if s // slots_per_rank == dst_rank]
+        choices = same_rank or holders[after]
+        src = choices[0] if same_rank else choices[dst_rank % len(choices)]
+        moves.append(SlotMove(dst_slot=dst, src_slot=src, expert=after))
+    return MovePlan(tuple(moves), slots_per_rank)
+
+
+def slot_checksum(weights: list[torch.Tensor], local_slot: int) -> torch.Tensor:
+    """`[2]` int64: plain and position-weighted sums of the slot's raw bits, all tensors.
+
+    Integer arithmetic on the bits, so sender and receiver agree exactly on any device.
+    """
+    total = torch.zeros(2, dtype=torch.int64, device=weights[0].device)
+    for w in weights:
+        bits = w[local_slot].contiguous().flatten()
+        bits = bits.view(
+            {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]
+        ).long()
+        position = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
+        total[0] += bits.sum()
+        total[1] += (bits * position).sum()
+    return total
+
+
+def verify(staged: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
+    """Whether staged slot i (rows of `staged`) has checksum `expected[i]`."""
+    return all(torch.equal(slot_checksum(staged, i), want) for i, want in enumerate(expected))
+
+
+def apply_moves(
+    plan: MovePlan,
+    weights: list[torch.Tensor],
+    rank: int,
+    num_ranks: int,
+    group: dist.ProcessGroup | None,
+) -> bool:
+    """Carry out `plan` on this rank's weights (each `[S, ...]`, slot-major); a collective
+    over `group` (every rank calls it with the same plan). Returns False, with the weights
+    untouched on every rank, if any staged slot fails verification."""
+    first_slot = rank * plan.slots_per_rank
+    incoming = plan.incoming(rank)
+    staged_row = {m.dst_slot: i for i, m in enumerate(incoming)}
+
+    # 1. Stage. Sources' checksums first (they read the old weights).
+    sources = torch.zeros(num_ranks * plan.slots_per_rank, 2, dtype=torch.int64)
+    sources = sources.to(weights[0].device)
+    for m in plan.moves:
+        if plan.rank_of(m.src_slot) == rank:
+            sources[m.src_slot] = slot_checksum(weights, m.src_slot - first_slot)
+    if num_ranks > 1:
+        dist.all_reduce(sources, group=group)  # each source is set by its own rank only
+
+    staged = [w.new_empty((len(incoming), *w.shape[1:])) for w in weights]
+    ops = []
+    for m in plan.moves:  # the same order on every rank pairs the sends and receives
+        src_rank, dst_rank = plan.rank_of(m.src_slot), plan.rank_of(m.dst_slot)
+        if src_rank == rank and dst_rank != rank:
+            peer = dist.get_global_rank(group, dst_rank) if group is not None else dst_rank
+            ops += [
+                dist.P2POp(dist.isend, w[m.src_slot - first_slot], peer, group) for w in weights
+            ]
+        elif dst_rank == rank and src_rank != rank:
+            peer = dist.get_global_rank(group, src_rank) if group is not None else src_rank
+            ops += [dist.P2POp(dist.irecv, s[staged_row[m.dst_slot]], peer, group) for s in staged]
+    for i, m in enumerate(incoming):
+        if plan.rank_of(m.src_slot) == rank:
+            for w, s in zip(weights, staged, strict=True):
+                s[i].copy_(w[m.src_slot - first_slot])
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+    # 2. Verify, and agree.
+    ok = verify(staged, [sources[m.src_slot] for m in incoming])
+    verdict = torch.tensor([int(ok)], dtype=torch.int64, device=weights[0].device)
+    if num_ranks > 1:
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+    if not bool(verdict.item()):
+        return False
+
+    # 3. Commit in place.
+    for i, m in enumerate(incoming):
+        for w, s in zip(weights, staged, strict=True):
+            w[m.dst_slot - first_slot].copy_(s[i])
+    return True
