@@ -16,6 +16,8 @@ arch            class                   layers  experts
 ==============  ======================  ======  ==================================================
 deepseek_v3     DeepseekV3ForCausalLM   3 + 1   layer 0 dense, layers 1-2 MoE: 16 routed + 1 shared,
                                         MTP     top-4, n_group 4 / topk_group 2, noaux_tc, sigmoid
+deepseek_v3_    DeepseekV3ForCausalLM   3 + 1   as deepseek_v3, with an MTP layer whose drafts are
+mtp                                     MTP     often accepted (see below)
 qwen3_moe       Qwen3MoeForCausalLM     2       16, top-4
 mixtral         MixtralForCausalLM      2       8, top-2
 dense           Qwen3ForCausalLM        2       none (for "this model has no experts" checks)
@@ -47,6 +49,19 @@ and ``config.json`` says ``num_hidden_layers = L``, ``num_nextn_predict_layers =
 The e_score_correction_bias is random and non-zero so that the bias path of
 grouped top-k is exercised.
 
+``deepseek_v3_mtp``: with random weights the MTP layer's drafts are almost never
+accepted (about 1 in 100), so an acceptance rate says nothing about whether the draft
+layer computed the right thing. This variant makes the model nearly a per-token
+function that the MTP layer can copy: every ``self_attn.o_proj`` and the MLP output
+projections of layers ``0 .. L-2`` are scaled by ``MTP_FRIENDLY_SCALE`` (0.1), so the
+target's next token depends mostly on the current token through layer ``L-1``'s MoE; the
+MTP layer gets a copy of layer ``L-1``'s MoE and norms, ``eh_proj = [I | 0]`` (it sees the
+embedding of the token it predicts from), ``enorm = 1``, ``shared_head.norm =
+model.norm``, and the embedding rows are scaled to unit RMS (so ``enorm`` leaves them
+unchanged). Its drafts then match the target's next token about half of the time
+(measured with vLLM: 57% accepted at 1 speculative token, 36% at 2), and only while
+the draft MoE computes what layer ``L-1`` does.
+
 Weights. Every parameter is redrawn in name order from one ``torch.Generator``
 seeded with ``seed``: projections ``N(0, 1 / fan_in)``, embeddings ``N(0, 1)``,
 norms ``1 + N(0, 0.1^2)``, routers ``N(0, 4 / hidden)`` (router logits of
@@ -76,7 +91,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-TinyArch = Literal["deepseek_v3", "qwen3_moe", "mixtral", "dense"]
+TinyArch = Literal["deepseek_v3", "deepseek_v3_mtp", "qwen3_moe", "mixtral", "dense"]
 TINY_ARCHES: tuple[str, ...] = get_args(TinyArch)
 TINY_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
@@ -103,6 +118,8 @@ CHAT_TEMPLATE = (
 _ROUTER_STD_GAIN = 2.0
 _NORM_NOISE_STD = 0.1
 _E_SCORE_BIAS_STD = 0.1
+# deepseek_v3_mtp: scale of attention outputs and of the MLPs before the last layer.
+MTP_FRIENDLY_SCALE = 0.1
 
 
 # --------------------------------------------------------------------------- #
@@ -199,16 +216,25 @@ def _dense_config(num_layers: int) -> PretrainedConfig:
 
 @dataclass(frozen=True)
 class _ArchSpec:
-    """How to build one arch: ``num_layers`` decoder layers, plus ``num_mtp_layers``."""
+    """How to build one arch: ``num_layers`` decoder layers, plus ``num_mtp_layers``;
+    ``edit_weights(tensors, num_layers)`` changes the drawn weights in place."""
 
     model_class: str
     make_config: Callable[[int], PretrainedConfig]
     num_layers: int
     num_mtp_layers: int = 0
+    edit_weights: Callable[[dict[str, torch.Tensor], int], None] | None = None
 
 
 _ARCH_SPECS: dict[str, _ArchSpec] = {
     "deepseek_v3": _ArchSpec("DeepseekV3ForCausalLM", _deepseek_v3_config, 3, num_mtp_layers=1),
+    "deepseek_v3_mtp": _ArchSpec(
+        "DeepseekV3ForCausalLM",
+        _deepseek_v3_config,
+        3,
+        num_mtp_layers=1,
+        edit_weights=lambda tensors, num_layers: _make_mtp_friendly(tensors, num_layers),
+    ),
     "qwen3_moe": _ArchSpec("Qwen3MoeForCausalLM", _qwen3_moe_config, 2),
     "mixtral": _ArchSpec("MixtralForCausalLM", _mixtral_config, 2),
     "dense": _ArchSpec("Qwen3ForCausalLM", _dense_config, 2),
@@ -464,6 +490,33 @@ def _mtp_extra_tensors(
     return {prefix + k: v.to(dtype).contiguous() for k, v in extra.items()}
 
 
+def _make_mtp_friendly(tensors: dict[str, torch.Tensor], num_layers: int) -> None:
+    """``deepseek_v3_mtp`` (module docstring): MTP layer ``num_layers`` copies the MoE of
+    the last layer, which the rest of the model barely perturbs. In place, any dtype."""
+    import torch
+
+    last, mtp = f"model.layers.{num_layers - 1}.", f"model.layers.{num_layers}."
+    edited = {name: t.float() for name, t in tensors.items()}
+    embed = edited["model.embed_tokens.weight"]
+    embed = embed / embed.pow(2).mean(-1, keepdim=True).sqrt()
+    edited["model.embed_tokens.weight"] = edited[mtp + "embed_tokens.weight"] = embed
+    for name in edited:
+        early_mlp = name.endswith("down_proj.weight") and not name.startswith((last, mtp))
+        if name.endswith("self_attn.o_proj.weight") or early_mlp:
+            edited[name] = edited[name] * MTP_FRIENDLY_SCALE
+    for name in [n for n in edited if n.startswith(last)]:
+        if name.startswith((last + "mlp.", last + "input_layernorm", last + "post_attention")):
+            edited[mtp + name.removeprefix(last)] = edited[name].clone()
+    hidden = embed.shape[-1]
+    edited[mtp + "enorm.weight"] = torch.ones(hidden)
+    edited[mtp + "eh_proj.weight"] = torch.cat(
+        [torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1
+    )
+    edited[mtp + "shared_head.norm.weight"] = edited["model.norm.weight"].clone()
+    for name, tensor in edited.items():
+        tensors[name] = tensor.to(tensors[name].dtype).contiguous()
+
+
 # --------------------------------------------------------------------------- #
 # Build
 # --------------------------------------------------------------------------- #
@@ -525,6 +578,8 @@ def _write_model(tmp: Path, arch: str, dtype: str, seed: int) -> None:
         weights_path = tmp / "model.safetensors"
         tensors = load_file(weights_path)
         tensors.update(mtp_extra)
+        if spec.edit_weights is not None:
+            spec.edit_weights(tensors, spec.num_layers)
         save_file(tensors, weights_path, metadata={"format": "pt"})
         model.config.num_hidden_layers = spec.num_layers
         model.config.num_nextn_predict_layers = spec.num_mtp_layers
