@@ -103,10 +103,11 @@ def test_ray_executor_on_a_local_two_node_cluster(ray_a2a, mp_runs):
 
 
 def test_capacity_moves_padded_blocks(mp_runs):
-    """Same engine, prompts and calls: with its default (worst-case) capacity the
-    `capacity` exchange sends a full block per peer, more than `allgather`'s rows.
+    """Same prompts: with its default (worst-case) capacity the `capacity` exchange sends a
+    full block per peer on every call, more than `allgather`'s rows. Per call, because two
+    engines need not make the same number of MoE calls (profile and warm-up runs differ).
     (`a2a` against `allgather`, byte for byte: tests/dist/test_a2a_dispatch.py.)"""
     capacity, allgather = _traffic(mp_runs["capacity"]), _traffic(mp_runs["allgather"])
-    assert capacity["calls"] == allgather["calls"]
-    assert capacity["dispatch_sent_bytes"] > allgather["dispatch_sent_bytes"]
-    assert capacity["combine_sent_bytes"] > allgather["combine_sent_bytes"]
+    assert capacity["calls"] > 0 and allgather["calls"] > 0
+    for key in ("dispatch_sent_bytes", "combine_sent_bytes"):
+        assert capacity[key] / capacity["calls"] > allgather[key] / allgather["calls"], key
