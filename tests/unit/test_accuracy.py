@@ -1,0 +1,227 @@
+"""The accuracy kit: task data, lm-eval task files, reproducible training, eval helpers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from safetensors import safe_open  # noqa: E402
+
+from vllm_wideep.accuracy import eval as acc_eval  # noqa: E402
+from vllm_wideep.accuracy.tasks import (  # noqa: E402
+    DATA_DIR,
+    EVAL_ITEMS_PER_TASK,
+    KINDS,
+    NUM_CHOICES,
+    TASKS_DIR,
+    held_out_items,
+    is_held_out,
+    jsonl,
+    task_data,
+    training_items,
+)
+from vllm_wideep.accuracy.train import (  # noqa: E402
+    KV_LORA_RANK,
+    NUM_LAYERS,
+    TRAIN_KV_LORA_RANK,
+    VOCAB,
+    TaskModel,
+    TrainConfig,
+    build_tokenizer,
+    encode,
+    export_model,
+    make_batch,
+    train_and_save,
+)
+
+# --------------------------------------------------------------------------- task data
+
+
+def test_generators_are_deterministic() -> None:
+    assert training_items(random.Random(3), 50) == training_items(random.Random(3), 50)
+    assert training_items(random.Random(3), 50) != training_items(random.Random(4), 50)
+    for kind in KINDS:
+        assert held_out_items(kind, 20, seed=0) == held_out_items(kind, 20, seed=0)
+        assert held_out_items(kind, 20, seed=0) != held_out_items(kind, 20, seed=1)
+
+
+def test_training_never_sees_a_held_out_context() -> None:
+    items = training_items(random.Random(0), 20_000)
+    assert {it.kind for it in items} == set(KINDS)
+    assert not any(is_held_out(it.context) for it in items)
+    for kind in KINDS:
+        held = held_out_items(kind, EVAL_ITEMS_PER_TASK, seed=0)
+        assert all(is_held_out(it.context) and it.prompt.startswith(it.context) for it in held)
+        assert len({it.prompt for it in held}) == EVAL_ITEMS_PER_TASK
+        assert {it.context for it in held}.isdisjoint(it.context for it in items)
+
+
+def test_training_sequences_ask_every_query_of_a_context() -> None:
+    for it in training_items(random.Random(2), 200):
+        if it.kind in ("lookup", "count"):
+            queries = [q.split("=")[0] for q in (it.prompt[len(it.context) :] + it.more).split(";")]
+            assert sorted(queries) == sorted(set(queries))
+            assert len(queries) == (3 if it.kind == "count" else it.context.count(",") + 1)
+        else:
+            assert it.more == "" and it.context == it.prompt
+
+
+def test_every_character_is_in_the_vocabulary() -> None:
+    for it in training_items(random.Random(1), 2000):
+        encode(it.prompt + it.answer)
+
+
+def test_committed_data_is_the_generators_output() -> None:
+    expected = task_data()
+    assert sorted(p.name for p in DATA_DIR.glob("*.jsonl")) == sorted(expected)
+    for name, rows in expected.items():
+        assert (DATA_DIR / name).read_text() == jsonl(rows), name
+
+
+def test_multiple_choice_rows() -> None:
+    rows = task_data()["mc.jsonl"]
+    assert {row["kind"] for row in rows} == set(KINDS)
+    held = [it for kind in KINDS for it in held_out_items(kind, 50, seed=2)]
+    assert all(is_held_out(it.context) for it in held)
+    answers = {it.prompt: it.answer for it in held}
+    for row in rows:
+        choices, gold = row["choices"], answers[row["prompt"]]
+        assert len(set(choices)) == NUM_CHOICES and choices[row["label"]] == gold
+        for wrong in choices:
+            if wrong != gold:  # a prefix would never score below the answer
+                assert not wrong.startswith(gold) and not gold.startswith(wrong)
+
+
+# --------------------------------------------------------------------------- lm-eval tasks
+
+
+def test_task_yamls_parse_and_read_the_data() -> None:
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    loaded = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load(["wideep_tasks"])
+    assert set(loaded["tasks"]) == set(acc_eval.METRICS)
+    assert set(loaded["group_map"]["wideep_tasks"]) == set(acc_eval.METRICS)
+    for name, task in loaded["tasks"].items():
+        docs = list(task.test_docs())
+        assert len(docs) == EVAL_ITEMS_PER_TASK, name
+        if name == "wideep_mc":
+            assert task.OUTPUT_TYPE == "multiple_choice"
+            assert task.config.target_delimiter == ""
+            assert task.doc_to_choice(docs[0])[task.doc_to_target(docs[0])]
+        else:
+            assert task.OUTPUT_TYPE == "generate_until"
+            assert task.doc_to_text(docs[0]).endswith("=")
+            assert task.doc_to_target(docs[0]) == docs[0]["answer"]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_tokenizer_is_one_token_per_character(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    build_tokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "48+57=105 rev abc=cba\ncnt ab:a=1;b=1"
+    assert tok(text)["input_ids"] == encode(text)
+    assert tok.decode(encode(text)) == text
+    assert len(tok) == len(VOCAB) and tok.eos_token_id == 0 and tok.pad_token_id == 1
+
+
+def test_wider_latent_computes_the_same() -> None:
+    import torch
+
+    model = TaskModel(seed=0)
+    exported = export_model(model, "float32")
+    exported.config.num_hidden_layers = NUM_LAYERS
+    assert exported.config.kv_lora_rank == KV_LORA_RANK > TRAIN_KV_LORA_RANK
+    ids, _ = make_batch(training_items(random.Random(0), 4))
+    with torch.no_grad():
+        want = model.hf(input_ids=ids).logits
+        got = exported(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_short_training_is_bit_reproducible_and_saves_mtp(tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=1, eval_items=2)
+    first = train_and_save(tmp_path / "a", cfg, log_every=0)
+    train_and_save(tmp_path / "b", cfg, log_every=0)
+    assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
+    assert first["train_config"]["steps"] == 3
+
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["num_hidden_layers"] == NUM_LAYERS
+    assert config["num_nextn_predict_layers"] == 1
+    assert config["topk_method"] == "noaux_tc" and config["scoring_func"] == "sigmoid"
+    with safe_open(tmp_path / "a" / "model.safetensors", "pt") as f:
+        names = set(f.keys())  # noqa: SIM118 (safe_open is no dict)
+        mtp = f"model.layers.{NUM_LAYERS}."
+        for name in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+            "embed_tokens.weight",
+            "self_attn.kv_a_proj_with_mqa.weight",
+            "mlp.gate.weight",
+            "mlp.gate.e_score_correction_bias",
+            "mlp.shared_experts.down_proj.weight",
+            "mlp.experts.15.gate_proj.weight",
+        ):
+            assert mtp + name in names, name
+        assert f.get_tensor(mtp + "eh_proj.weight").shape == (128, 256)
+        assert (
+            f.get_tensor(mtp + "shared_head.head.weight") == f.get_tensor("lm_head.weight")
+        ).all()
+    assert not any(n.startswith(f"model.layers.{NUM_LAYERS + 1}.") for n in names)
+
+
+# --------------------------------------------------------------------------- eval helpers
+
+
+def test_expert_load_concatenates_ranks_in_order() -> None:
+    stats = [
+        {"ep_rank": 1, "tokens_per_expert": {"model.layers.1.mlp.experts": [5, 6]}},
+        {"ep_rank": 0, "tokens_per_expert": {"model.layers.1.mlp.experts": [1, 2]}},
+    ]
+    assert acc_eval.expert_load(stats) == {"model.layers.1.mlp.experts": [1, 2, 5, 6]}
+
+
+def test_mtp_acceptance_sums_engines() -> None:
+    metrics = "\n".join(
+        [
+            "# TYPE vllm:spec_decode_num_draft_tokens_total counter",
+            'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 100.0',
+            'vllm:spec_decode_num_draft_tokens_total{engine="1",model_name="m"} 60.0',
+            'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 90.0',
+            'vllm:spec_decode_num_accepted_tokens_total{engine="1",model_name="m"} 30.0',
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="0"} 120.0',
+        ]
+    )
+    assert acc_eval.mtp_acceptance(metrics) == pytest.approx(120 / 160)
+    assert acc_eval.mtp_acceptance("") is None
+
+
+def test_targets_and_table() -> None:
+    tasks = list(acc_eval.METRICS)
+    stock = acc_eval.Row("stock", "", scores=dict.fromkeys(tasks, 0.95))
+    close = acc_eval.Row("wide-EP", "", scores=dict.fromkeys(tasks, 0.945))
+    far = acc_eval.Row("far", "", scores={**dict.fromkeys(tasks, 0.95), tasks[0]: 0.93})
+    assert acc_eval.check_targets([stock, close]) == []
+    assert acc_eval.check_targets([stock, far]) == [f"far {tasks[0]}: 2.0 points from stock"]
+    weak = acc_eval.Row("stock", "", scores=dict.fromkeys(tasks, 0.5))
+    assert len(acc_eval.check_targets([weak])) == len(tasks)
+    lines = acc_eval.table([stock, close]).splitlines()
+    assert lines[0].startswith("| config | add |") and "94.5" in lines[3]
