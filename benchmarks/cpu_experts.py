@@ -27,6 +27,11 @@ SHAPES = [
     (256, 1024, 512, 16, 4),
     (2048, 1024, 512, 8, 2),
     (2048, 1024, 512, 16, 4),
+    # decode at the profile's h1024 and h2048 shapes (benchmarks/moe_layer_profile.py)
+    (1, 1024, 512, 16, 4),
+    (16, 1024, 512, 16, 4),
+    (1, 2048, 768, 64, 8),
+    (16, 2048, 768, 64, 8),
 ]
 # The portable kernel; vLLM picks "amx" only on x86 CPUs with AMX tiles.
 ISA = "amx" if torch.cpu._is_amx_tile_supported() else "vec"

@@ -107,6 +107,36 @@ def test_torch_backend_matches_reference(shape, dtype, gemm, monkeypatch):
     assert_close(moe_experts(*inputs, backend="torch"), *inputs)
 
 
+@pytest.mark.parametrize("gemm", ["grouped_mm", "per_expert"])
+def test_torch_backend_sees_in_place_weight_writes(gemm, monkeypatch):
+    """The CPU backend caches an fp32 copy of bf16 weights; an in-place slot write (what the
+    EPLB mover does, through a .detach() view) must reach the next call."""
+    threshold = torch_experts.GROUPED_MM_MAX_WORK if gemm == "grouped_mm" else -1
+    monkeypatch.setattr(torch_experts, "GROUPED_MM_MAX_WORK", threshold)
+    x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(12, 64, 48, 4, 2, torch.bfloat16)]
+    ids[:, 0] = 1  # every token uses slot 1, the one rewritten below
+    assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
+    _, new_w13, new_w2, _, _ = make_inputs(12, 64, 48, 4, 2, torch.bfloat16, seed=9)
+    version = w13._version
+    for w, new in ((w13.detach(), new_w13), (w2.detach(), new_w2)):
+        w[1].copy_(new[1])  # as apply_moves commits a slot
+    assert w13._version > version
+    assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
+    w13.mul_(-1)  # a whole-tensor write too
+    assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
+
+
+def test_torch_backend_upcast_cache_is_bounded():
+    """One cached copy per live weight tensor; a freed tensor's entry goes with it."""
+    w = torch.randn(4, 8, 8).to(torch.bfloat16)
+    first = torch_experts._upcast(w, torch.float32)
+    assert torch_experts._upcast(w, torch.float32) is first
+    assert torch_experts._upcast(w.detach(), torch.float32) is not first  # another object
+    ptr = w.data_ptr()
+    del w
+    assert ptr not in torch_experts._UPCAST_CACHE
+
+
 def test_public_entry_point_auto_backend():
     inputs = make_inputs(6, 32, 32, 4, 2, dtype=torch.bfloat16, seed=4)
     assert_close(moe_experts(*inputs, backend="auto"), *inputs)

@@ -18,12 +18,15 @@ The GEMMs run one of two ways, by problem size:
 
 Half-precision experts are multiplied in float32 when the CPU lacks native bf16 matrix
 instructions (AVX2-only x86), where oneDNN's bf16 GEMM is several times slower than
-upcasting the weights of the active experts.
+fp32. The fp32 copy of the weights is made once and cached (``_upcast``): converting them on
+every call cost up to 100x the GEMMs at decode sizes. The cache holds one fp32 copy per
+weight tensor, i.e. twice the bf16 expert memory, and is dropped when the tensor is freed.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,46 @@ def _native_half_gemm() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16/AMX on x86; Arm assumed)."""
     is_x86 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
     return not is_x86 or torch.cpu._is_avx512_bf16_supported()
+
+
+# data_ptr -> (weakref to the source tensor, its _version then, its copy in the compute dtype)
+_UPCAST_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _upcast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w.to(dtype)``, cached per weight tensor until it is written or freed.
+
+    An entry is reused only for the same tensor object (a freed tensor's address can be
+    reused by a new one) at the same ``_version``: every in-place write bumps it, through
+    the tensor itself or any view or ``.detach()`` of it, e.g. the EPLB mover's
+    ``w[slot].copy_(...)``. Writes through ``.data`` get a separate counter and are NOT seen;
+    the wide-EP layer hands the mover ``.detach()`` views for that reason, and after
+    reloading weights call ``clear_upcast_cache()``. Inference tensors track no version and
+    are converted on every call.
+    """
+    if w.dtype == dtype:
+        return w
+    if w.is_inference():
+        return w.to(dtype)
+    ptr = w.data_ptr()
+    entry = _UPCAST_CACHE.get(ptr)
+    if entry is not None and entry[0]() is w and entry[1] == w._version and entry[2].dtype == dtype:
+        return entry[2]
+    copy = w.detach().to(dtype)  # no autograd graph kept alive by the cache
+    # The callback drops the entry with its tensor, so the cache stays one copy per live tensor.
+    _UPCAST_CACHE[ptr] = (weakref.ref(w, functools.partial(_forget, ptr)), w._version, copy)
+    return copy
+
+
+def _forget(ptr: int, ref: weakref.ref) -> None:
+    entry = _UPCAST_CACHE.get(ptr)
+    if entry is not None and entry[0] is ref:  # not a newer tensor's entry at the same address
+        del _UPCAST_CACHE[ptr]
+
+
+def clear_upcast_cache() -> None:
+    """Drop every cached copy (after writing weights through ``.data``, e.g. a reload)."""
+    _UPCAST_CACHE.clear()
 
 
 def moe_experts_torch(
@@ -57,8 +100,8 @@ def moe_experts_torch(
     if compute_dtype != torch.float32 and on_cpu and not _native_half_gemm():
         compute_dtype = torch.float32
 
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    key = torch.where(flat < 0, E, flat)  # dropped pairs sort last
+    # -1 (dropped) -> E so those pairs sort last; one op where a cast + where took three.
+    key = topk_ids.reshape(-1).remainder(E + 1)
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=E + 1)[:E]
     num_valid = int(counts.sum())
@@ -85,19 +128,20 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def _grouped(x, w13, w2, counts, dtype):
     """Both GEMMs as one ``torch._grouped_mm`` each; x `[rows, H]` sorted by expert."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    gate_up = torch._grouped_mm(x, w13.to(dtype).transpose(1, 2), offs=offsets)
-    return torch._grouped_mm(_silu_mul(gate_up), w2.to(dtype).transpose(1, 2), offs=offsets)
+    gate_up = torch._grouped_mm(x, _upcast(w13, dtype).transpose(1, 2), offs=offsets)
+    return torch._grouped_mm(_silu_mul(gate_up), _upcast(w2, dtype).transpose(1, 2), offs=offsets)
 
 
 def _per_expert(x, w13, w2, counts, dtype):
     """``torch.mm`` per active expert on its row slice; x `[rows, H]` sorted by expert."""
     down = torch.empty(x.shape[0], w2.shape[1], dtype=dtype, device=x.device)
+    w13, w2 = _upcast(w13, dtype), _upcast(w2, dtype)
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
-        gate_up = torch.mm(x[start:end], w13[e].to(dtype).t())
-        torch.mm(_silu_mul(gate_up), w2[e].to(dtype).t(), out=down[start:end])
+        gate_up = torch.mm(x[start:end], w13[e].t())
+        torch.mm(_silu_mul(gate_up), w2[e].t(), out=down[start:end])
         start = end
     return down
