@@ -96,27 +96,67 @@ def test_triton_one_hot_expert_spans_tiles(layout):
     assert_close(run_triton((x, w13, w2, weights, ids), layout), x, w13, w2, weights, ids)
 
 
-@pytest.mark.parametrize("gemm", ["grouped_mm", "per_expert"])
-@pytest.mark.parametrize("shape", [(1, 32, 32, 1, 1), (37, 64, 48, 8, 8), (70, 96, 80, 64, 6)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_backend_matches_reference(shape, dtype, gemm, monkeypatch):
-    # The backend picks its GEMM path by problem size; force each path on the same inputs.
+@pytest.fixture
+def vllm_cpu_ops():
+    """vLLM's CPU ops (``torch.ops._C.cpu_fused_moe``), loaded as vLLM's CPU platform does."""
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    if not hasattr(torch.ops._C, "cpu_fused_moe"):
+        pytest.skip("vLLM's CPU MoE kernel is not available in this vLLM build")
+
+
+# The torch backend's three paths: vLLM's fused CPU kernel (few pairs per expert, when
+# vLLM's CPU ops are loaded), else one of two GEMM paths by problem size.
+GEMMS = ["grouped_mm", "per_expert", "vllm_kernel"]
+
+
+def force_path(gemm, monkeypatch, request, x, w13, w2):
+    vllm_rows = 1 << 30 if gemm == "vllm_kernel" else -1
+    monkeypatch.setattr(torch_experts, "VLLM_KERNEL_MAX_ROWS_PER_EXPERT", vllm_rows)
     threshold = torch_experts.GROUPED_MM_MAX_WORK if gemm == "grouped_mm" else -1
     monkeypatch.setattr(torch_experts, "GROUPED_MM_MAX_WORK", threshold)
+    if gemm == "vllm_kernel":
+        request.getfixturevalue("vllm_cpu_ops")
+        if torch_experts._vllm_isa(x, w13, w2) is None:
+            pytest.skip("vLLM's kernel needs H and I multiples of 32")
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize(
+    "shape", [(1, 32, 32, 1, 1), (37, 64, 48, 8, 8), (70, 96, 80, 64, 6), (16, 128, 64, 16, 4)]
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_backend_matches_reference(shape, dtype, gemm, monkeypatch, request):
+    # The backend picks its path by problem size; force each path on the same inputs.
     inputs = [t.cpu() for t in make_inputs(*shape, dtype=dtype, seed=3)]
+    force_path(gemm, monkeypatch, request, *inputs[:3])
     assert_close(moe_experts(*inputs, backend="torch"), *inputs)
 
 
-@pytest.mark.parametrize("gemm", ["grouped_mm", "per_expert"])
-def test_torch_backend_sees_in_place_weight_writes(gemm, monkeypatch):
-    """The CPU backend caches an fp32 copy of bf16 weights; an in-place slot write (what the
-    EPLB mover does, through a .detach() view) must reach the next call."""
-    threshold = torch_experts.GROUPED_MM_MAX_WORK if gemm == "grouped_mm" else -1
-    monkeypatch.setattr(torch_experts, "GROUPED_MM_MAX_WORK", threshold)
-    x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(12, 64, 48, 4, 2, torch.bfloat16)]
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_torch_backend_dropped_rows_are_zero(gemm, monkeypatch, request):
+    """Tokens with no pair on this rank get exactly 0, in every path (vLLM's kernel gets
+    their pairs rerouted with weight 0)."""
+    x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(10, 64, 32, 4, 2, torch.bfloat16)]
+    force_path(gemm, monkeypatch, request, x, w13, w2)
+    ids[::3] = -1
+    out = moe_experts(x, w13, w2, weights, ids, backend="torch")
+    assert torch.equal(out[::3], torch.zeros_like(out[::3]))
+    assert_close(out, x, w13, w2, weights, ids)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
+def test_torch_backend_sees_in_place_weight_writes(gemm, monkeypatch, request):
+    """The CPU backend caches transformed weights (an fp32 copy of bf16 weights, vLLM's
+    prepacked layout); an in-place slot write (what the EPLB mover does, through a .detach()
+    view) must reach the next call."""
+    x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(12, 64, 64, 4, 2, torch.bfloat16)]
+    force_path(gemm, monkeypatch, request, x, w13, w2)
     ids[:, 0] = 1  # every token uses slot 1, the one rewritten below
     assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
-    _, new_w13, new_w2, _, _ = make_inputs(12, 64, 48, 4, 2, torch.bfloat16, seed=9)
+    _, new_w13, new_w2, _, _ = make_inputs(12, 64, 64, 4, 2, torch.bfloat16, seed=9)
     version = w13._version
     for w, new in ((w13.detach(), new_w13), (w2.detach(), new_w2)):
         w[1].copy_(new[1])  # as apply_moves commits a slot
@@ -126,15 +166,18 @@ def test_torch_backend_sees_in_place_weight_writes(gemm, monkeypatch):
     assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
 
 
-def test_torch_backend_upcast_cache_is_bounded():
-    """One cached copy per live weight tensor; a freed tensor's entry goes with it."""
+def test_torch_backend_weight_cache_is_bounded():
+    """One cached copy per live weight tensor and transform; a freed tensor's entries go
+    with it."""
     w = torch.randn(4, 8, 8).to(torch.bfloat16)
     first = torch_experts._upcast(w, torch.float32)
     assert torch_experts._upcast(w, torch.float32) is first
+    half = torch_experts._upcast(w, torch.float16)  # another transform, its own entry
+    assert half.dtype == torch.float16 and torch_experts._upcast(w, torch.float32) is first
     assert torch_experts._upcast(w.detach(), torch.float32) is not first  # another object
     ptr = w.data_ptr()
     del w
-    assert ptr not in torch_experts._UPCAST_CACHE
+    assert all(key[0] != ptr for key in torch_experts._WEIGHT_CACHE)
 
 
 def test_public_entry_point_auto_backend():
