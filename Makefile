@@ -35,7 +35,7 @@ eval: install
 
 # The whole suite (CI runs this).
 test: install
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=25 tests
 
 # Everything but the end-to-end tests that start vLLM engines and servers.
 test-quick: install

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import reference
+from tests.e2e.launch import e2e_env, generate
 from vllm_wideep.tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,3 +19,12 @@ def tiny_model():
         return str(build_tiny_model(root / arch, arch))
 
     return build
+
+
+@pytest.fixture(scope="session")
+def stock(tiny_model):
+    """(arch, dtype) -> stock vLLM's greedy result at TP 1 with the plugin not even loaded,
+    on `reference.PROMPTS`; one process runs every case (in-process engines)."""
+    env = e2e_env(VLLM_PLUGINS="", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    results = generate(reference.spec(reference.runs(tiny_model)), env, timeout=900)
+    return reference.by_case(results)

@@ -1,6 +1,8 @@
 """The balancer through the real server (EP=2 through DP=2) and commands: serve with
-online rebalancing, read its metrics on `/metrics`, record the expert load, plan a
-placement file, serve from it: the same tokens, the file's placement in every layer."""
+online rebalancing (greedy outputs equal stock vLLM's at TP 1: this is also the Qwen3-MoE
+float32 case of test_parity.py's EP 2 through DP 2 server), read its metrics on
+`/metrics`, record the expert load, plan a placement file, serve from it: the same
+tokens, the file's placement in every layer."""
 
 from __future__ import annotations
 
@@ -11,12 +13,11 @@ import pytest
 
 from tests.e2e.compare import assert_greedy_parity
 from tests.e2e.launch import VENV_BIN, Server, e2e_env, server_complete
+from tests.e2e.reference import MAX_TOKENS, PROMPTS
 from vllm_wideep.eplb.files import read_load, read_placement
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["The quick brown fox", "Once upon a time in a land far away, there lived", "Hi"]
-MAX_TOKENS = 20
 SERVE = ["--data-parallel-size", "2", "--api-server-count", "1", "--dtype", "float32"]
 SERVE += ["--max-model-len", "256", "--enforce-eager", "--served-model-name", "tiny"]
 
@@ -35,7 +36,7 @@ def _metric(text: str, name: str) -> dict[str, float]:
     return {labels: float(value) for labels, value in pattern.findall(text)}
 
 
-def test_record_plan_and_serve_from_a_placement_file(tiny_model, tmp_path):
+def test_record_plan_and_serve_from_a_placement_file(tiny_model, stock, tmp_path):
     model = tiny_model("qwen3_moe")
     env = e2e_env(num_ranks=2, VLLM_SERVER_DEV_MODE="1")  # POST /collective_rpc
     load_file, placement_file = tmp_path / "load.json", tmp_path / "placement.json"
@@ -44,8 +45,10 @@ def test_record_plan_and_serve_from_a_placement_file(tiny_model, tmp_path):
     online += ["--wideep-redundant-experts", "2"]
     with Server(model, ["--enable-wideep", *online, *SERVE], env) as server:
         before = server_complete(server, PROMPTS, MAX_TOKENS)
+        server_complete(server, PROMPTS, 2 * MAX_TOKENS)  # more steps: more rebalances
         _cli("record", "--url", server.url, "--out", str(load_file))
         metrics = server.get_text("/metrics")
+    assert_greedy_parity(stock[("qwen3_moe", "float32")], before, "float32")
     load = read_load(load_file)
     assert load.layers == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     # each layer saw every token once, with its top-4 choices, on one rank or the other

@@ -1,12 +1,13 @@
 """Wide EP under both distributed executors, with the token-exchange backends.
 
-EP 2 through TP 2 on the tiny Qwen3-MoE (float32), greedy parity with stock vLLM at TP 1:
+EP 2 through TP 2 on the tiny Qwen3-MoE (float32), greedy parity with stock vLLM at TP 1
+(the session's `stock` reference, tests/e2e/reference.py):
 * the multiprocessing executor (`distributed_executor_backend="mp"`, given explicitly)
   with `capacity` and `allgather` (`a2a` under mp is `test_parity.py`'s TP 2 case);
 * the Ray executor on a local two-node Ray cluster on 127.0.0.1 (a head and one worker
   node, `tests/e2e/ray_generate.py`) with `a2a`.
-Each engine start costs a minute or more on 2 cores, so one process runs the stock and mp
-engines one after the other.
+Each engine start costs a minute or more on 2 cores, so one process runs the mp engines
+one after the other.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import pytest
 
 from tests.e2e.compare import assert_greedy_parity
 from tests.e2e.launch import REPO, e2e_env, generate, run_group
+from tests.e2e.reference import spec
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["The quick brown fox", "def add(a, b):", "Hi"]
-MAX_TOKENS = 8
 MP_BACKENDS = ["capacity", "allgather"]
 
 
@@ -37,29 +37,28 @@ def _run(model: str, backend: str, executor: str) -> dict:
     }
 
 
-def _spec(runs: list[dict]) -> dict:
-    return {"runs": runs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": 2}
+@pytest.fixture(scope="module")
+def reference(stock) -> dict:
+    return stock[("qwen3_moe", "float32")]
 
 
 @pytest.fixture(scope="module")
 def mp_runs(tiny_model):
-    """ "stock" (TP 1, plugin loaded but off, which is bit-identical to stock vLLM) and
-    backend -> result, all in one process (each its own engine)."""
+    """backend -> result, all in one process (each its own engine)."""
     model = tiny_model("qwen3_moe")
-    stock = {"model": model, "dtype": "float32"}
-    runs = [stock] + [_run(model, backend, "mp") for backend in MP_BACKENDS]
-    results = generate(_spec(runs), e2e_env(num_ranks=2), timeout=900)
-    return dict(zip(["stock", *MP_BACKENDS], results, strict=True))
+    runs = [_run(model, backend, "mp") for backend in MP_BACKENDS]
+    results = generate(spec(runs), e2e_env(num_ranks=2), timeout=900)
+    return dict(zip(MP_BACKENDS, results, strict=True))
 
 
 @pytest.fixture(scope="module")
 def ray_a2a(tiny_model):
     if importlib.util.find_spec("ray") is None:
         pytest.skip("ray is not installed (pip install -e '.[ray]')")
-    spec = _spec([_run(tiny_model("qwen3_moe"), "a2a", "ray")])
+    ray_spec = spec([_run(tiny_model("qwen3_moe"), "a2a", "ray")])
     env = e2e_env(num_ranks=2, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     output = run_group(
-        [sys.executable, str(REPO / "tests/e2e/ray_generate.py"), json.dumps(spec)],
+        [sys.executable, str(REPO / "tests/e2e/ray_generate.py"), json.dumps(ray_spec)],
         env,
         timeout=900,
     )
@@ -91,14 +90,14 @@ def _check_stats(result: dict) -> None:
 
 
 @pytest.mark.parametrize("backend", MP_BACKENDS)
-def test_mp_executor(backend, mp_runs):
-    assert_greedy_parity(mp_runs["stock"], mp_runs[backend], "float32")
+def test_mp_executor(backend, mp_runs, reference):
+    assert_greedy_parity(reference, mp_runs[backend], "float32")
     _check_stats(mp_runs[backend])
     assert _traffic(mp_runs[backend])["overflow_rows"] == 0
 
 
-def test_ray_executor_on_a_local_two_node_cluster(ray_a2a, mp_runs):
-    assert_greedy_parity(mp_runs["stock"], ray_a2a, "float32")
+def test_ray_executor_on_a_local_two_node_cluster(ray_a2a, reference):
+    assert_greedy_parity(reference, ray_a2a, "float32")
     _check_stats(ray_a2a)
 
 

@@ -1,7 +1,7 @@
-"""Greedy outputs with `--enable-wideep` equal stock vLLM at TP=1, for every tiny model,
-in float32 and bfloat16, at EP=1, EP=2 through TP=2 (LLM class, with the load balancer
-moving experts every 3 steps) and EP=2 through DP=2 (the OpenAI server,
-`vllm serve --enable-wideep`)."""
+"""Greedy outputs with `--enable-wideep` equal stock vLLM at TP=1, for every tiny model:
+in float32 and bfloat16 at EP=1, EP=2 through TP=2 (LLM class, with the load balancer
+moving experts every 3 steps; bfloat16 for DeepSeek-V3) and EP=2 through DP=2 (the
+OpenAI server, `vllm serve --enable-wideep`; the cases are listed at `SERVER_CASES`)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ import pytest
 
 from tests.e2e.compare import assert_greedy_parity
 from tests.e2e.launch import Server, e2e_env, generate, server_complete
+from tests.e2e.reference import (
+    ARCHES,
+    BATCH_VARIANT,
+    CASES,
+    MAX_TOKENS,
+    PROMPTS,
+    by_case,
+    runs,
+    spec,
+)
 
 pytestmark = pytest.mark.slow
 
-ARCHES = ["qwen3_moe", "deepseek_v3", "mixtral"]
-DTYPES = ["float32", "bfloat16"]
-PROMPTS = [
-    "The quick brown fox",
-    "Once upon a time in a land far away, there lived",
-    "def add(a, b):",
-    "Hi",
-]
-MAX_TOKENS = 12
 WIDEEP = {"wideep": {"enabled": True}}
 # EP=2 through TP=2 runs with the load balancer on: 2 redundant slots, a new placement
 # planned from the last 16 steps' load every 3 steps, one layer's weights moved per step.
@@ -34,19 +35,11 @@ WIDEEP_REBALANCING = {
         "eplb_window": 16,
     }
 }
-
-
-CASES = [(arch, dtype) for arch in ARCHES for dtype in DTYPES]
-# vLLM's CPU MLA (DeepSeek) output depends on the batch it runs in: compare prompts alone.
-BATCH_VARIANT = {"deepseek_v3"}
-# ... and on the TP size (see the stock_tp2 fixture).
+# vLLM's CPU MLA gives other tokens at TP 2 than at TP 1 (see the stock_tp2 fixture).
 MLA_TP_VARIANT = ["deepseek_v3"]
-
-
-def _spec(runs):
-    for run in runs:
-        run["one_prompt_at_a_time"] = any(a in run["model"] for a in BATCH_VARIANT)
-    return {"runs": runs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": 2}
+# EP 2 through TP 2: every model in float32, bfloat16 for DeepSeek-V3 (bfloat16 is
+# covered for every model at EP 1); each case is an engine start with two workers.
+TP2_CASES = [(arch, "float32") for arch in ARCHES] + [("deepseek_v3", "bfloat16")]
 
 
 def _experts_used_on_every_rank(stats: list[dict], num_ranks: int) -> None:
@@ -61,42 +54,33 @@ def _server_generate(server: Server, prompts: list[str]) -> dict:
     return server_complete(server, prompts, MAX_TOKENS)
 
 
-def _by_case(results):
-    cases = [(arch, dtype) for arch in ARCHES for dtype in DTYPES]
-    return dict(zip(cases, results, strict=True))
-
-
-def _runs(tiny_model, **extra):
-    return [
-        {"model": tiny_model(arch), "dtype": dtype, **extra} for arch in ARCHES for dtype in DTYPES
-    ]
-
-
-# One process per layout runs every (arch, dtype): starting vLLM dominates the time.
-@pytest.fixture(scope="module")
-def stock(tiny_model):
-    """Stock vLLM at TP=1 with the plugin not even loaded."""
-    env = e2e_env(VLLM_PLUGINS="", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    return _by_case(generate(_spec(_runs(tiny_model)), env, timeout=900))
-
-
+# One process per layout runs every case: starting vLLM dominates the time. Stock vLLM
+# at TP 1 (`stock`) is the session fixture in conftest.py.
 @pytest.fixture(scope="module")
 def plugin_loaded(tiny_model):
     """One process with the plugin loaded: disabled (float32) runs, then EP=1 runs."""
     env = e2e_env(VLLM_ENABLE_V1_MULTIPROCESSING="0")
     disabled = [{"model": tiny_model(arch), "dtype": "float32"} for arch in ARCHES]
-    runs = disabled + _runs(tiny_model, additional_config=WIDEEP)
-    results = generate(_spec(runs), env, timeout=900)
+    results = generate(spec(disabled + runs(tiny_model, additional_config=WIDEEP)), env, 900)
     return (
         {(arch, "float32"): r for arch, r in zip(ARCHES, results, strict=False)},
-        _by_case(results[len(disabled) :]),
+        by_case(results[len(disabled) :]),
     )
 
 
 @pytest.fixture(scope="module")
 def tp2(tiny_model):
-    runs = _runs(tiny_model, additional_config=WIDEEP_REBALANCING, tensor_parallel_size=2)
-    return _by_case(generate(_spec(runs), e2e_env(num_ranks=2), timeout=1200))
+    tp2_runs = [
+        {
+            "model": tiny_model(arch),
+            "dtype": dtype,
+            "tensor_parallel_size": 2,
+            "additional_config": WIDEEP_REBALANCING,
+        }
+        for arch, dtype in TP2_CASES
+    ]
+    results = generate(spec(tp2_runs), e2e_env(num_ranks=2), timeout=1200)
+    return dict(zip(TP2_CASES, results, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +91,12 @@ def stock_tp2(tiny_model):
     the plugin (measured on the tiny DeepSeek-V3: the first token already differs), so
     wide EP through TP=2 is compared with stock TP=2 there.
     """
-    runs = [
+    cases = [case for case in TP2_CASES if case[0] in MLA_TP_VARIANT]
+    stock_runs = [
         {"model": tiny_model(arch), "dtype": dtype, "tensor_parallel_size": 2}
-        for arch in MLA_TP_VARIANT
-        for dtype in DTYPES
+        for arch, dtype in cases
     ]
-    results = generate(_spec(runs), e2e_env(num_ranks=2, VLLM_PLUGINS=""), timeout=900)
-    cases = [(arch, dtype) for arch in MLA_TP_VARIANT for dtype in DTYPES]
+    results = generate(spec(stock_runs), e2e_env(num_ranks=2, VLLM_PLUGINS=""), timeout=900)
     return dict(zip(cases, results, strict=True))
 
 
@@ -130,7 +113,7 @@ def test_ep1(case, stock, plugin_loaded):
     _experts_used_on_every_rank(ep1[case]["stats"], 1)
 
 
-@pytest.mark.parametrize("case", CASES, ids="-".join)
+@pytest.mark.parametrize("case", TP2_CASES, ids="-".join)
 def test_ep2_through_tp2_while_rebalancing(case, stock, tp2, request):
     reference = request.getfixturevalue("stock_tp2") if case[0] in MLA_TP_VARIANT else stock
     assert_greedy_parity(reference[case], tp2[case], case[1])
@@ -143,9 +126,11 @@ def test_ep2_through_tp2_while_rebalancing(case, stock, tp2, request):
     assert sum(c["moved_bytes"] for r in stats for c in r["eplb"].values()) > 0
 
 
-# Every model in float32; bfloat16 (covered at EP 1 and through TP 2) for DeepSeek-V3
-# only: each case is a server start, the costliest step of the suite.
-SERVER_CASES = [(arch, "float32") for arch in ARCHES] + [("deepseek_v3", "bfloat16")]
+# Each case is a server start, the costliest step of the suite: Mixtral in float32 and
+# DeepSeek-V3 in bfloat16 here; Qwen3-MoE in float32 is test_eplb.py's server (EP 2
+# through DP 2 with online rebalancing, compared with the same stock reference) and
+# DeepSeek-V3 in float32 with MTP is test_mtp.py's.
+SERVER_CASES = [("mixtral", "float32"), ("deepseek_v3", "bfloat16")]
 
 
 @pytest.mark.parametrize("case", SERVER_CASES, ids="-".join)

@@ -136,6 +136,20 @@ def test_torch_backend_matches_reference(shape, dtype, gemm, monkeypatch, reques
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_torch_backend_reads_rows_of_a_wider_buffer(rows, gemm, monkeypatch, request):
+    """Tokens as a column slice of a wider buffer (as the dispatch hands them over: row
+    stride H + 2k). One row of it passes `is_contiguous()` with that stride, which vLLM's
+    kernel refuses: it crashed a server once."""
+    x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(rows, 64, 32, 4, 2, torch.bfloat16)]
+    force_path(gemm, monkeypatch, request, x, w13, w2)
+    wide = torch.cat([x, torch.zeros(rows, 4, dtype=x.dtype)], dim=1)[:, :64]
+    assert wide.stride() == (68, 1)
+    out = moe_experts(wide, w13, w2, weights, ids, backend="torch")
+    assert_close(out, x, w13, w2, weights, ids)
+
+
+@pytest.mark.parametrize("gemm", GEMMS)
 def test_torch_backend_dropped_rows_are_zero(gemm, monkeypatch, request):
     """Tokens with no pair on this rank get exactly 0, in every path (vLLM's kernel gets
     their pairs rerouted with weight 0)."""

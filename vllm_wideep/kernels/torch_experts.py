@@ -146,12 +146,16 @@ def _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa: str) -> tor
     fill = topk_ids.amax(dim=1, keepdim=True).clamp_(min=0)
     ids = torch.where(valid, topk_ids, fill).to(torch.int32).contiguous()
     weights = (topk_weights.float() * valid).contiguous()  # 2x faster than where(..., 0.0)
-    out = torch.empty_like(hidden_states)
+    # The kernel checks row stride == H. `.contiguous()` and `empty_like` keep a one-row
+    # view's stride (e.g. H + 2k inside the dispatch buffer): allocate [M, H] explicitly.
+    M, H = hidden_states.shape
+    x = hidden_states
+    if x.stride() != (H, 1):
+        x = torch.empty(M, H, dtype=x.dtype, device=x.device).copy_(x)
+    out = torch.empty(M, H, dtype=x.dtype, device=x.device)
     w13, w2 = _prepacked(w13, isa), _prepacked(w2, isa)
     # (out, x, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, skip_weighted, act, isa)
-    torch.ops._C.cpu_fused_moe(
-        out, hidden_states.contiguous(), w13, w2, None, None, weights, ids, False, "silu", isa
-    )
+    torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, weights, ids, False, "silu", isa)
     return out
 
 
