@@ -64,12 +64,29 @@ def test_training_never_sees_a_held_out_context() -> None:
 
 def test_training_sequences_ask_every_query_of_a_context() -> None:
     for it in training_items(random.Random(2), 200):
-        if it.kind in ("lookup", "count"):
+        if it.kind == "minmax":
             queries = [q.split("=")[0] for q in (it.prompt[len(it.context) :] + it.more).split(";")]
-            assert sorted(queries) == sorted(set(queries))
-            assert len(queries) == (3 if it.kind == "count" else it.context.count(",") + 1)
+            assert sorted(queries) == ["max", "min"]
         else:
             assert it.more == "" and it.context == it.prompt
+
+
+def test_answers_are_right() -> None:
+    for it in training_items(random.Random(5), 400):
+        body = it.prompt.removesuffix("=")
+        if it.kind == "add":
+            a, b = body.split("+")
+            assert int(it.answer[::-1]) == int(a) + int(b) and len(it.answer) == 3
+        elif it.kind == "copy":
+            assert it.answer == body.removeprefix("cpy ")
+        elif it.kind == "shift":
+            word = body.removeprefix("nxt ")
+            assert [ord(y) - ord(x) for x, y in zip(word, it.answer, strict=True)] == [
+                1 if x != "z" else -25 for x in word
+            ]
+        else:
+            digits, query = body.removeprefix("dig ").split(":")
+            assert it.answer == {"max": max, "min": min}[query](digits)
 
 
 def test_every_character_is_in_the_vocabulary() -> None:
@@ -133,7 +150,7 @@ def test_tokenizer_is_one_token_per_character(tmp_path: Path) -> None:
 
     build_tokenizer().save_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    text = "48+57=105 rev abc=cba\ncnt ab:a=1;b=1"
+    text = "48+57=501 cpy abcd=abcd\ndig 123456:max=6;min=1"
     assert tok(text)["input_ids"] == encode(text)
     assert tok.decode(encode(text)) == text
     assert len(tok) == len(VOCAB) and tok.eos_token_id == 0 and tok.pad_token_id == 1

@@ -10,9 +10,12 @@ log-likelihood task, all held-out items), stop the server. Then run lm-eval's in
 `vllm` model with `additional_config={"wideep": {"enabled": True}}` at TP=2 (EP=2) in a
 child process. Prints one table and writes `accuracy_cpu.json` to `--out`:
 
-    config        add   reverse  lookup  count  mc    MTP acceptance
-    stock         ...
-    wide-EP       ...
+    config                  add  reverse  shift  minmax  mc  MTP acceptance  rebalances
+    stock                   ...
+    wide-EP                 ...
+    wide-EP + online EPLB   ...                                             (placements applied)
+    stock + MTP             ...
+    wide-EP + MTP           ...
 
 The targets are checked at the end (exit 1 if one is missed): stock scores at least 90 % on
 every task; every other row is within 1 point of stock on every task.
@@ -62,6 +65,9 @@ COMMON_ARGS = (
     "--seed", "0",
 )  # fmt: skip
 WIDE_EP_ARGS = ("--enable-wideep", "--data-parallel-size", "2", "--api-server-count", "1")
+# Online rebalancing forced often: a new placement every 4 steps, 2 redundant slots.
+EPLB_ARGS = ("--wideep-eplb", "online", "--wideep-eplb-interval", "4")
+EPLB_ARGS += ("--wideep-redundant-experts", "2")
 MTP_ARGS = ("--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": 1}))
 
 
@@ -82,10 +88,15 @@ class ServeConfig:
     def speculative(self) -> bool:
         return "--speculative-config" in self.args
 
+    @property
+    def rebalancing(self) -> bool:
+        return "--wideep-eplb" in self.args
+
 
 CONFIGS: tuple[ServeConfig, ...] = (
     ServeConfig("stock", ()),
     ServeConfig("wide-EP", WIDE_EP_ARGS, num_ranks=2),
+    ServeConfig("wide-EP + online EPLB", WIDE_EP_ARGS + EPLB_ARGS, num_ranks=2),
     ServeConfig("stock + MTP", MTP_ARGS),
     ServeConfig("wide-EP + MTP", WIDE_EP_ARGS + MTP_ARGS, num_ranks=2),
 )
@@ -99,6 +110,7 @@ class Row:
     command: str
     scores: dict[str, float] = field(default_factory=dict)
     mtp_acceptance: float | None = None
+    rebalances: int | None = None  # placements applied, summed over layers (online EPLB)
     start_s: float | None = None
     eval_s: float | None = None
     error: str | None = None
@@ -279,6 +291,13 @@ def run_config(config: ServeConfig, model: Path, limit: int | None, load_path: P
             row.routing = routing_by_kind(server)
         if config.speculative:
             row.mtp_acceptance = mtp_acceptance(server.get_text("/metrics"))
+        if config.rebalancing:
+            metrics = server.get_text("/metrics")
+            row.rebalances = int(_counter(metrics, "vllm_wideep:eplb_rebalances"))
+            if failures := int(_counter(metrics, "vllm_wideep:eplb_failures")):
+                raise RuntimeError(f"{failures} failed rebalances")
+            if not row.rebalances:
+                raise RuntimeError("online EPLB on, but no rebalance happened")
     except Exception as error:  # one failed row must not hide the others
         row.error = f"{type(error).__name__}: {error}"[-3000:]
         log = server.output()
@@ -341,14 +360,16 @@ def table(rows: list[Row]) -> str:
     """Markdown table: one row per config, scores in %."""
     tasks = list(METRICS)
     head = ["config", *(t.removeprefix("wideep_") for t in tasks), "MTP acceptance"]
+    head.append("rebalances")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row.error:
-            cells = ["failed"] * len(tasks) + [""]
+            cells = ["failed"] * len(tasks) + ["", ""]
         else:
             cells = [f"{100 * row.scores[t]:.1f}" for t in tasks]
             rate = row.mtp_acceptance
             cells.append("" if rate is None else f"{100 * rate:.1f} %")
+            cells.append("" if row.rebalances is None else str(row.rebalances))
         lines.append("| " + " | ".join([row.name, *cells]) + " |")
     return "\n".join(lines)
 

@@ -3,20 +3,20 @@
 Every item is a prompt and its exact answer, in characters the model's tokenizer knows:
 
     kind     prompt                  answer   what it takes
-    add      "48+57="                "105"    2-digit addition with carries (answers
-                                              "012" to "198", always 3 digits)
-    reverse  "rev kqzdf="            "fdzqk"  copying 3-5 letters backwards
-    lookup   "b4,q9,x1,h6;q="        "9"      finding a key among 3-5 pairs
-    count    "cnt bcabbaca:a="       "3"      counting a letter in 8 letters of "abc"
+    add      "48+57="                "501"    2-digit addition with carries, the sum
+                                              written units first ("105" read backwards:
+                                              the order in which carries are made)
+    copy     "cpy kqzd="             "kqzd"   copying 4 letters
+    shift    "nxt kqzd="             "lrae"   each of 4 letters to the next one (z to a)
+    minmax   "dig 482915:max="       "9"      the largest or smallest of 6 digits
 
 The prompts of different kinds look different from the first character on, so the
 routers of a model trained on them can send each kind to its own experts.
 
-Lookup and count items ask about a `context` (the pairs, the letters) that several
-queries share. A training sequence asks all of them (`Item.more`, after the answer):
-"b4,q9,x1,h6;q=9;h=6;b=4;x=1" gives four answers for one context, four times the
-training signal for the same length. Evaluation asks the first query only and stops
-at ";" (the lm-eval tasks have `until: [";"]`).
+Minmax items ask about a `context` (the digits) that two queries share. A training
+sequence asks both (`Item.more`, after the answer): "dig 482915:max=9;min=1" gives two
+answers for one context, twice the training signal for the same length. Evaluation asks
+the first query only and stops at ";" (the lm-eval tasks have `until: [";"]`).
 
 Held-out split: an item is held out when the CRC-32 of its context is divisible by
 `HELD_OUT_MODULUS` (about 1 context in 8). Training draws only the others
@@ -38,12 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-Kind = Literal["add", "reverse", "lookup", "count"]
+Kind = Literal["add", "copy", "shift", "minmax"]
 KINDS: tuple[str, ...] = get_args(Kind)
 HELD_OUT_MODULUS = 8
 LETTERS = string.ascii_lowercase
-COUNT_LETTERS = "abc"
-COUNT_LENGTH = 8
+MINMAX_DIGITS = 6
+# Every prompt of a kind has the same length, so each answer token of copy and shift reads
+# the prompt at a fixed distance back: what a tiny model learns in minutes. (Reversing a
+# word, with the answer token j reading 2j + 1 back, was still at 0 % held-out after
+# 1,200 steps while these were at 85-100 %.)
+WORD_LENGTH = 4
 
 
 @dataclass(frozen=True)
@@ -51,9 +55,9 @@ class Item:
     """One task item: the model reads `prompt` and must write `answer`.
 
     `context`: the part of the prompt that decides the held-out split (the whole prompt
-    for add and reverse). `more`: what a training sequence has after the answer: the
-    other queries on the same context with their answers, e.g. ";h=6;b=4" ("" for add
-    and reverse); then end of text."""
+    for add, copy and shift). `more`: what a training sequence has after the answer: the
+    other queries on the same context with their answers, e.g. ";min=1" ("" for add,
+    copy and shift); then end of text."""
 
     kind: str
     prompt: str
@@ -70,13 +74,13 @@ def is_held_out(context: str) -> bool:
 def _add(rng: random.Random) -> Item:
     a, b = rng.randrange(10, 100), rng.randrange(10, 100)
     prompt = f"{a}+{b}="
-    return Item("add", prompt, f"{a + b:03d}", context=prompt)
+    return Item("add", prompt, f"{a + b:03d}"[::-1], context=prompt)
 
 
-def _reverse(rng: random.Random) -> Item:
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
-    prompt = f"rev {word}="
-    return Item("reverse", prompt, word[::-1], context=prompt)
+def _copy(rng: random.Random) -> Item:
+    word = "".join(rng.choice(LETTERS) for _ in range(WORD_LENGTH))
+    prompt = f"cpy {word}="
+    return Item("copy", prompt, word, context=prompt)
 
 
 def _queries(context: str, answers: dict[str, str], rng: random.Random, kind: str) -> Item:
@@ -87,24 +91,22 @@ def _queries(context: str, answers: dict[str, str], rng: random.Random, kind: st
     return Item(kind, f"{context}{first}=", answers[first], context=context, more=more)
 
 
-def _lookup(rng: random.Random) -> Item:
-    keys = rng.sample(LETTERS, rng.randint(3, 5))
-    values = [rng.choice(string.digits) for _ in keys]
-    pairs = ",".join(k + v for k, v in zip(keys, values, strict=True))
-    return _queries(f"{pairs};", dict(zip(keys, values, strict=True)), rng, "lookup")
+def _shift(rng: random.Random) -> Item:
+    word = "".join(rng.choice(LETTERS) for _ in range(WORD_LENGTH))
+    prompt = f"nxt {word}="
+    return Item("shift", prompt, "".join(_next_letter(c) for c in word), context=prompt)
 
 
-def _count(rng: random.Random) -> Item:
-    word = "".join(rng.choice(COUNT_LETTERS) for _ in range(COUNT_LENGTH))
-    answers = {letter: str(word.count(letter)) for letter in COUNT_LETTERS}
-    return _queries(f"cnt {word}:", answers, rng, "count")
+def _minmax(rng: random.Random) -> Item:
+    digits = "".join(rng.choice(string.digits) for _ in range(MINMAX_DIGITS))
+    return _queries(f"dig {digits}:", {"max": max(digits), "min": min(digits)}, rng, "minmax")
 
 
 _MAKERS: dict[str, Callable[[random.Random], Item]] = {
     "add": _add,
-    "reverse": _reverse,
-    "lookup": _lookup,
-    "count": _count,
+    "copy": _copy,
+    "shift": _shift,
+    "minmax": _minmax,
 }
 assert set(_MAKERS) == set(KINDS), (set(_MAKERS), KINDS)
 
@@ -116,11 +118,12 @@ def make_item(kind: str, rng: random.Random) -> Item:
     return _MAKERS[kind](rng)
 
 
-def training_items(rng: random.Random, n: int) -> list[Item]:
-    """`n` items for training: kinds uniformly at random, held-out contexts redrawn."""
+def training_items(rng: random.Random, n: int, mix: tuple[str, ...] = KINDS) -> list[Item]:
+    """`n` items for training, kinds drawn from `mix` (a kind listed twice comes twice as
+    often), held-out contexts redrawn."""
     items = []
     while len(items) < n:
-        item = make_item(rng.choice(KINDS), rng)
+        item = make_item(rng.choice(mix), rng)
         if not is_held_out(item.context):
             items.append(item)
     return items
@@ -142,36 +145,32 @@ def held_out_items(kind: str, n: int, seed: int) -> list[Item]:
 
 
 def _add_distractors(item: Item, rng: random.Random) -> list[str]:
-    gold = int(item.answer)
-    return [f"{gold + d:03d}" for d in (-100, -10, -1, 1, 10, 100) if 0 <= gold + d <= 999]
-
-
-def _reverse_distractors(item: Item, rng: random.Random) -> list[str]:
-    word = item.answer
-    swapped = [word[:i] + word[i + 1] + word[i] + word[i + 2 :] for i in range(len(word) - 1)]
-    shifted = [word[:i] + _next_letter(word[i]) + word[i + 1 :] for i in range(len(word))]
-    return [item.answer[::-1], *swapped, *shifted]
+    gold = int(item.answer[::-1])
+    near = (gold + d for d in (-100, -10, -1, 1, 10, 100))
+    return [f"{n:03d}"[::-1] for n in near if 0 <= n <= 999]
 
 
 def _next_letter(letter: str) -> str:
     return LETTERS[(LETTERS.index(letter) + 1) % len(LETTERS)]
 
 
-def _lookup_distractors(item: Item, rng: random.Random) -> list[str]:
-    values = [pair[1] for pair in item.prompt.split(";")[0].split(",")]
-    return values + [str((int(item.answer) + d) % 10) for d in (1, 2, 3)]
+def _letters_distractors(item: Item, rng: random.Random) -> list[str]:
+    word = item.answer
+    swapped = [word[:i] + word[i + 1] + word[i] + word[i + 2 :] for i in range(len(word) - 1)]
+    shifted = [word[:i] + _next_letter(word[i]) + word[i + 1 :] for i in range(len(word))]
+    return [word[::-1], *swapped, *shifted]
 
 
-def _count_distractors(item: Item, rng: random.Random) -> list[str]:
-    gold = int(item.answer)
-    return [str(gold + d) for d in (-3, -2, -1, 1, 2, 3) if 0 <= gold + d <= 9]
+def _minmax_distractors(item: Item, rng: random.Random) -> list[str]:
+    digits = item.context.removeprefix("dig ").removesuffix(":")
+    return sorted(set(digits)) + [str((int(item.answer) + d) % 10) for d in (1, 2, 3)]
 
 
 _DISTRACTORS: dict[str, Callable[[Item, random.Random], list[str]]] = {
     "add": _add_distractors,
-    "reverse": _reverse_distractors,
-    "lookup": _lookup_distractors,
-    "count": _count_distractors,
+    "copy": _letters_distractors,
+    "shift": _letters_distractors,
+    "minmax": _minmax_distractors,
 }
 assert set(_DISTRACTORS) == set(KINDS), (set(_DISTRACTORS), KINDS)
 

@@ -67,6 +67,7 @@ assert len(VOCAB) == 64 and len(set(VOCAB)) == 64
 STOP_TOKEN_IDS = (EOS_TOKEN_ID, VOCAB.index(";"), VOCAB.index("\n"))
 
 NUM_LAYERS = 3  # layer 0 dense, layers 1-2 MoE; the MTP block is layer 3
+NUM_HEADS = 2
 KV_LORA_RANK = 512  # 512 + 64 = 576, the only latent size CPU MLA supports
 TRAIN_KV_LORA_RANK = 64  # the latent used in training (`widen_latent`)
 STAMP_FILE = "wideep_trained_model.json"
@@ -78,15 +79,17 @@ class TrainConfig:
     """Training settings; the defaults make the committed checkpoint."""
 
     seed: int = 0
-    steps: int = 1200
-    batch_size: int = 128
+    steps: int = 3000
+    batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 60
     min_lr_ratio: float = 0.05  # cosine decay to lr x this
     weight_decay: float = 0.01
     mtp_weight: float = 0.3  # lambda of DeepSeek-V3's MTP loss
     eval_items: int = 100  # held-out items per kind for the accuracy in the stamp
-    bucket: int = 8  # batches drawn at once and cut by length (less padding)
+    # The kinds of the training items, drawn uniformly from this list: addition, the
+    # slowest to learn, comes twice as often as the others.
+    mix: tuple[str, ...] = ("add", "add", "copy", "shift", "minmax")
 
 
 # --------------------------------------------------------------------------- #
@@ -139,8 +142,8 @@ def model_config(
         num_hidden_layers=num_layers,
         intermediate_size=256,  # the dense layer 0
         moe_intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_HEADS,
         q_lora_rank=96,
         kv_lora_rank=kv_lora_rank,
         qk_rope_head_dim=64,
@@ -289,16 +292,25 @@ def make_batch(items: list[Item]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def batches(rng: random.Random, cfg: TrainConfig) -> Iterator[list[Item]]:
-    """Training batches, endless: `cfg.bucket` batches' worth of items at a time, sorted
-    by length and cut into batches in random order, so a batch pads little."""
+    """Training batches, endless, of every kind mixed (`accumulate_gradients` runs each
+    kind's items apart: the sequences of a kind all have the same length, no padding)."""
     while True:
-        pool = sorted(
-            training_items(rng, cfg.batch_size * cfg.bucket),
-            key=lambda it: len(it.prompt) + len(it.answer) + len(it.more),
-        )
-        chunks = [pool[i : i + cfg.batch_size] for i in range(0, len(pool), cfg.batch_size)]
-        rng.shuffle(chunks)
-        yield from chunks
+        yield training_items(rng, cfg.batch_size, cfg.mix)
+
+
+def accumulate_gradients(model: TaskModel, items: list[Item], mtp_weight: float) -> tuple:
+    """Backward of one batch, one kind at a time: each kind's sequences are padded only
+    to their own longest, and each kind's mean token loss weighs its share of the items,
+    so a kind with long answers does not drown the others. Returns the main and MTP
+    losses, weighted the same way."""
+    main_sum = mtp_sum = 0.0
+    for kind in sorted({it.kind for it in items}):
+        group = [it for it in items if it.kind == kind]
+        share = len(group) / len(items)
+        main, mtp = losses(model, *make_batch(group))
+        (share * (main + mtp_weight * mtp)).backward()
+        main_sum, mtp_sum = main_sum + share * main.item(), mtp_sum + share * mtp.item()
+    return main_sum, mtp_sum
 
 
 def losses(model: TaskModel, ids: torch.Tensor, scored: torch.Tensor) -> tuple[Any, Any]:
@@ -319,7 +331,9 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def train(cfg: TrainConfig, log_every: int = 50) -> tuple[TaskModel, dict[str, Any]]:
+def train(
+    cfg: TrainConfig, log_every: int = 50, eval_every: int = 0
+) -> tuple[TaskModel, dict[str, Any]]:
     """Train from scratch; return the model and a summary (final losses, accuracy)."""
     import torch
 
@@ -343,21 +357,22 @@ def train(cfg: TrainConfig, log_every: int = 50) -> tuple[TaskModel, dict[str, A
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        ids, scored = make_batch(next(data))
-        main, mtp = losses(model, ids, scored)
         optimizer.zero_grad(set_to_none=True)
-        (main + cfg.mtp_weight * mtp).backward()
+        main, mtp = accumulate_gradients(model, next(data), cfg.mtp_weight)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
             print(
-                f"step {step:5d}  loss {main.item():.4f}  mtp {mtp.item():.4f}  "
+                f"step {step:5d}  loss {main:.4f}  mtp {mtp:.4f}  "
                 f"lr {_lr_at(step, cfg):.2e}  {time.monotonic() - start:6.0f} s",
                 flush=True,
             )
+        if eval_every and step % eval_every == eval_every - 1 and step != cfg.steps - 1:
+            print(f"step {step:5d}  held-out {held_out_accuracy(model, 40)}", flush=True)
+            model.train()
     summary = {
-        "final_loss": round(main.item(), 4) if main is not None else None,
-        "final_mtp_loss": round(mtp.item(), 4) if mtp is not None else None,
+        "final_loss": None if main is None else round(main, 4),
+        "final_mtp_loss": None if mtp is None else round(mtp, 4),
         "held_out_accuracy": held_out_accuracy(model, cfg.eval_items),
     }
     return model, summary
@@ -487,10 +502,14 @@ def _write_checkpoint(model: TaskModel, out: Path, stamp: dict[str, Any], dtype:
 
 
 def train_and_save(
-    out_dir: str | os.PathLike[str], cfg: TrainConfig, dtype: str = "bfloat16", log_every=50
+    out_dir: str | os.PathLike[str],
+    cfg: TrainConfig,
+    dtype: str = "bfloat16",
+    log_every: int = 50,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
     """Train with `cfg` and write the checkpoint; return its stamp."""
-    model, summary = train(cfg, log_every=log_every)
+    model, summary = train(cfg, log_every=log_every, eval_every=eval_every)
     stamp = {
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
@@ -513,10 +532,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument(
+        "--eval-every", type=int, default=500, help="log held-out accuracy every N steps (0: off)"
+    )
     args = parser.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size)
     start = time.monotonic()
-    stamp = train_and_save(args.out_dir, cfg, dtype=args.dtype)
+    stamp = train_and_save(args.out_dir, cfg, dtype=args.dtype, eval_every=args.eval_every)
     print(json.dumps({k: stamp[k] for k in ("final_loss", "held_out_accuracy")}))
     print(f"wrote {args.out_dir} in {time.monotonic() - start:.0f} s")
     return 0
