@@ -12,7 +12,7 @@ MODEL_DIR ?= models/tiny-dsv3-tasks
 # Returns at once when the venv is up to date with pyproject.toml and the repair script.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml tools/fix_cpu_venv.py
+$(STAMP): pyproject.toml tools/fix_cpu_venv.py $(wildcard patches/*.patch)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0+cpu first: pip takes the CPU build that lies on this disk.

