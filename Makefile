@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml tools/fix_cpu_venv.py $(wildcard patches/*.patch)
 demo: install
 	$(PY) examples/demo.py --workdir $(DEMO_DIR)
 
-# Retrain the tiny DeepSeek-V3 of the accuracy checks (same bytes as the committed one).
+# Retrain the tiny DeepSeek-V3 of the accuracy checks (deterministic from the seed: one thread,
+# deterministic algorithms; two short runs give the same bytes, tests/unit/test_accuracy.py).
 model: install
 	$(PY) -m vllm_wideep.accuracy.train $(MODEL_DIR)
 

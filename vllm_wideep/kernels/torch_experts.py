@@ -67,7 +67,7 @@ def _cached(w: torch.Tensor, key: object, transform) -> torch.Tensor:
     the tensor itself or any view or ``.detach()`` of it, e.g. the EPLB mover's
     ``w[slot].copy_(...)``. Writes through ``.data`` get a separate counter and are NOT seen;
     the wide-EP layer hands the mover ``.detach()`` views for that reason, and after
-    reloading weights call ``clear_upcast_cache()``. Inference tensors track no version and
+    reloading weights call ``clear_weight_cache()``. Inference tensors track no version and
     are transformed on every call.
     """
     if w.is_inference():
@@ -89,7 +89,7 @@ def _forget(cache_key: tuple[int, object], ref: weakref.ref) -> None:
         del _WEIGHT_CACHE[cache_key]
 
 
-def clear_upcast_cache() -> None:
+def clear_weight_cache() -> None:
     """Drop every cached copy (after writing weights through ``.data``, e.g. a reload)."""
     _WEIGHT_CACHE.clear()
 
@@ -102,13 +102,9 @@ def _upcast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _prepacked(w: torch.Tensor, isa: str) -> torch.Tensor:
     """``w`` in the blocked layout of vLLM's fused kernel, cached (see ``_cached``)."""
 
-    def prepack(t: torch.Tensor) -> torch.Tensor:
-        t = t.contiguous()
-        packed = torch.empty_like(t)
-        torch.ops._C.prepack_moe_weight(t, packed, isa)  # = vllm._custom_ops.cpu_prepack_moe_weight
-        return packed
+    from vllm._custom_ops import cpu_prepack_moe_weight  # loaded: _vllm_isa checked the ops
 
-    return _cached(w, ("vllm_prepack", isa), prepack)
+    return _cached(w, ("vllm_prepack", isa), lambda t: cpu_prepack_moe_weight(t.contiguous(), isa))
 
 
 def _vllm_isa(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
@@ -129,7 +125,12 @@ def _vllm_isa(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
         or not hasattr(torch.ops._C, "cpu_fused_moe")
     ):
         return None
-    return "amx" if dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported() else "vec"
+    return "amx" if dtype == torch.bfloat16 and _has_amx() else "vec"
+
+
+@functools.cache
+def _has_amx() -> bool:  # a CPUID query: once, not per MoE call
+    return torch.cpu._is_amx_tile_supported()
 
 
 def _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa: str) -> torch.Tensor:

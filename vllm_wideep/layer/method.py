@@ -20,7 +20,7 @@ from vllm_wideep.comm.registry import make_dispatcher
 from vllm_wideep.eplb.balancer import register_layer
 from vllm_wideep.eplb.files import read_placement
 from vllm_wideep.eplb.mover import apply_moves, plan_moves
-from vllm_wideep.kernels.torch_experts import clear_upcast_cache
+from vllm_wideep.kernels.torch_experts import clear_weight_cache
 from vllm_wideep.layer.experts import WideEPExperts
 from vllm_wideep.layer.prepare_finalize import TokenSlice, WideEPPrepareAndFinalize
 from vllm_wideep.layer.remap import ExpertRouting
@@ -47,8 +47,8 @@ class WideEPUnquantizedMethod(UnquantizedFusedMoEMethod):
         if not self.wideep.enabled:
             return super().process_weights_after_loading(layer)
         # No backend prepacking: the wide-EP experts read the canonical layout. Weight
-        # loaders write through .data, unseen by the torch backend's fp32 cache: drop it.
-        clear_upcast_cache()
+        # loaders write through .data, unseen by the torch backend's weight cache: drop it.
+        clear_weight_cache()
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         self.slots = self._make_slots(layer)
         register_layer(get_current_vllm_config().parallel_config, self.slots, self.wideep)
@@ -93,7 +93,7 @@ class WideEPUnquantizedMethod(UnquantizedFusedMoEMethod):
         num_ranks, rank = ep_group.world_size, ep_group.rank_in_group
         num_experts = self.moe.num_experts
         # .detach(), not .data: it shares the version counter, so the in-place slot writes
-        # here and in the EPLB mover invalidate the torch backend's cached fp32 weights.
+        # here and in the EPLB mover invalidate the torch backend's cached weight copies.
         weights = [layer.w13_weight.detach(), layer.w2_weight.detach()]
         slots_per_rank = weights[0].shape[0]
         experts_per_rank = num_experts // num_ranks
