@@ -3,6 +3,8 @@ verification leaves every rank's weights and placement as they were."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +12,7 @@ import torch.distributed as dist
 from tests.dist.harness import run_ranks
 from vllm_wideep.eplb import mover
 from vllm_wideep.eplb.balancer import Balancer
-from vllm_wideep.eplb.mover import apply_moves, plan_moves
+from vllm_wideep.eplb.mover import apply_moves, begin_moves, finish_moves, plan_moves
 from vllm_wideep.eplb.policy import plan_placement
 from vllm_wideep.eplb.traces import zipf_load
 from vllm_wideep.layer.remap import ExpertRouting
@@ -66,8 +68,9 @@ def _failed_verification_keeps_old_weights(rank, world_size):
     _check_weights(weights, old[mine], layer=0)
 
 
-def _balancer_moves_weights_and_tables(rank, world_size):
-    """Two layers, skewed load, re-plan every 2 steps, one layer moved per step."""
+def _balancer_moves_weights_and_tables(rank, world_size, overlap):
+    """Two layers, skewed load, re-plan every 2 steps, one layer moved per step; with
+    `overlap` a layer begun at one step is committed at the next."""
     slots_per_rank = NUM_EXPERTS // world_size + 1
     mine = slice(rank * slots_per_rank, (rank + 1) * slots_per_rank)
     home = home_placement(NUM_EXPERTS, world_size, slots_per_rank)
@@ -88,31 +91,66 @@ def _balancer_moves_weights_and_tables(rank, world_size):
         slots.set_placement(home)
         layers.append(slots)
     config = WideEPConfig(
-        enabled=True, eplb="online", eplb_interval=2, eplb_layers_per_step=1, eplb_window=4
+        enabled=True,
+        eplb="online",
+        eplb_interval=2,
+        eplb_layers_per_step=1,
+        eplb_window=4,
+        eplb_overlap=overlap,
     )
     balancer = Balancer(layers, config, dist.group.WORLD)
     gen = torch.Generator().manual_seed(rank)
     hot = torch.tensor([[5, 5, 5, 5], [2, 2, 7, 7]])  # per layer, this step's hot experts
-    for _ in range(2):  # step 2 plans and moves layer 0
+
+    def whole(layer: int) -> None:  # weights and tables agree: no half-moved layer
+        slots = layers[layer]
+        _check_weights(slots.weights, slots.physical_to_logical[mine], layer)
+
+    for _ in range(2):  # step 2 plans and begins layer 0
         for layer, slots in enumerate(layers):
             slots.route(
                 torch.cat([hot[layer], torch.randint(NUM_EXPERTS, (4,), generator=gen)])[:, None]
             )
         balancer.step()
     assert balancer.pending == [1]  # layer 1 waits for the next step
-    for slots in layers[:1]:
-        _check_weights(slots.weights, slots.physical_to_logical[mine], 0)
     assert torch.equal(layers[1].physical_to_logical, home)
+    if overlap:  # layer 0 in flight: the next forward pass still sees its old placement
+        assert [index for index, _ in balancer.in_flight] == [0]
+        assert torch.equal(layers[0].physical_to_logical, home)
+        balancer.step()  # commits layer 0, begins layer 1
+        assert [index for index, _ in balancer.in_flight] == [1]
+        assert torch.equal(layers[1].physical_to_logical, home)
+    assert not torch.equal(layers[0].physical_to_logical, home)
+    whole(0), whole(1)
     balancer.step(is_dummy=True)  # dummy steps move too
-    assert balancer.pending == []
+    assert balancer.pending == [] and balancer.in_flight == [] and not balancer.moving
     for layer, slots in enumerate(layers):
         assert not torch.equal(slots.physical_to_logical, home)
-        _check_weights(slots.weights, slots.physical_to_logical[mine], layer)
+        whole(layer)
         # the hot expert got a replica; the tables route to slots that hold the expert
         assert int((slots.physical_to_logical == hot[layer, 0]).sum()) >= 2
         ids = torch.arange(NUM_EXPERTS)[:, None]
         assert torch.equal(slots.physical_to_logical[slots.route(ids)], ids)
     assert all(c.rebalances == 1 and c.failures == 0 for c in balancer.counters)
+
+
+def _transfers_progress_between_begin_and_finish(rank, world_size):
+    """After `begin_moves` returns, the received slots fill in while this rank does other
+    work (gloo's transport threads), before `finish_moves` is called."""
+    slots_per_rank = NUM_EXPERTS // world_size
+    mine = slice(rank * slots_per_rank, (rank + 1) * slots_per_rank)
+    old = home_placement(NUM_EXPERTS, world_size, slots_per_rank)
+    new = old.roll(slots_per_rank)  # every slot changes, all by P2P
+    weights = _tagged(old[mine], layer=1, dtype=torch.float32)
+    moves = begin_moves(plan_moves(old, new, slots_per_rank), weights, rank, world_size, None)
+    expected = _tagged(new[mine], layer=1, dtype=torch.float32)  # incoming in slot order
+    deadline = time.monotonic() + 30
+    while not all(torch.equal(s, e) for s, e in zip(moves.staged, expected, strict=True)):
+        assert time.monotonic() < deadline, "the transfers did not progress on their own"
+        torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # the forward pass's work
+    _check_weights(weights, old[mine], layer=1)  # nothing committed yet
+    assert finish_moves(moves)
+    _check_weights(weights, new[mine], layer=1)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -124,6 +162,11 @@ def test_failed_verification_keeps_the_old_placement_on_every_rank():
     run_ranks(_failed_verification_keeps_old_weights, 2)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_balancer_replans_from_load_and_moves_a_few_layers_per_step(world_size):
-    run_ranks(_balancer_moves_weights_and_tables, world_size)
+def test_balancer_replans_from_load_and_moves_a_few_layers_per_step(world_size, overlap):
+    run_ranks(_balancer_moves_weights_and_tables, world_size, overlap)
+
+
+def test_transfers_progress_while_the_rank_computes():
+    run_ranks(_transfers_progress_between_begin_and_finish, 2)

@@ -33,8 +33,7 @@ def _run(run: dict, prompts, max_tokens: int, logprobs: int) -> dict:
         temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=logprobs
     )
     if run.get("one_prompt_at_a_time"):
-        # For models whose vLLM CPU kernels are not batch-invariant (MLA): each prompt
-        # alone, so every layout sees the same batches.
+        # Each prompt alone (a server test sending one request at a time compares).
         outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
     else:
         outputs = llm.generate(prompts, params, use_tqdm=False)

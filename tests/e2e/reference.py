@@ -18,14 +18,10 @@ PROMPTS = [
     "Hi",
 ]
 MAX_TOKENS = 12
-# vLLM's CPU MLA (DeepSeek) output depends on the batch it runs in: compare prompts alone.
-BATCH_VARIANT = {"deepseek_v3"}
 
 
 def spec(runs: list[dict]) -> dict:
     """A tests/e2e/generate.py spec for `runs` on the reference prompts."""
-    for run in runs:
-        run["one_prompt_at_a_time"] = any(a in run["model"] for a in BATCH_VARIANT)
     return {"runs": runs, "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": 2}
 
 

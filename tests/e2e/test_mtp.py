@@ -6,15 +6,14 @@ runs through wide EP on every rank, in lock-step.
                                 --speculative-config '{"method": "mtp", ...}'`, one request
                                 at a time, so the idle DP rank runs dummy target and
                                 draft passes   vs stock vLLM at TP 1
-    K = 1, EP 2 through TP 2    LLM class   vs stock vLLM at TP 2 (vLLM's CPU MLA gives other
-                                tokens at TP 2 than at TP 1, see test_parity.py)
+    K = 1, EP 2 through TP 2    LLM class   vs stock vLLM at TP 1
 
 The model is the tiny DeepSeek-V3 whose MTP layer copies the last MoE layer
 (`deepseek_v3_mtp`, see vllm_wideep/tiny_models.py): its drafts are accepted about half
 of the time, so equal acceptance counts show that the draft MoE computed the same as
 stock's. (With random MTP weights about 1 draft in 100 is accepted, whatever the draft
 layer computes.) Three vLLM launches: the cheapest cover of K = 1, 2 and EP 2 through
-DP 2, TP 2.
+DP 2, TP 2, plus one in-process stock engine per K.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ def mtp(k: int) -> dict:
 
 
 def _run(model: str, k: int, **extra) -> dict:
-    # vLLM's CPU MLA output depends on the batch: every prompt runs alone.
+    # Every prompt runs alone, as the server test sends them.
     return {
         "model": model,
         "dtype": DTYPE,
@@ -97,18 +96,16 @@ def model(tiny_model) -> str:
 
 @pytest.fixture(scope="module")
 def stock_tp1(model):
-    """Stock vLLM (plugin not loaded), TP 1, K = 2; in-process engine (fast start)."""
+    """K -> stock vLLM (plugin not loaded) at TP 1; in-process engines (fast start)."""
     env = e2e_env(VLLM_PLUGINS="", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    [result] = generate(_spec([_run(model, 2)]), env, timeout=600)
-    return result
+    results = generate(_spec([_run(model, 1), _run(model, 2)]), env, timeout=600)
+    return dict(zip([1, 2], results, strict=True))
 
 
-def test_ep2_through_tp2_k1(model):
-    """One TP 2 process: stock (plugin loaded, wide EP off), then wide EP."""
-    runs = [_run(model, 1, tensor_parallel_size=2)]
-    runs.append(_run(model, 1, tensor_parallel_size=2, additional_config=WIDEEP))
-    stock, wideep = generate(_spec(runs), e2e_env(num_ranks=2), timeout=900)
-    _assert_same_outputs_and_acceptance(stock, wideep)
+def test_ep2_through_tp2_k1(model, stock_tp1):
+    runs = [_run(model, 1, tensor_parallel_size=2, additional_config=WIDEEP)]
+    [wideep] = generate(_spec(runs), e2e_env(num_ranks=2), timeout=900)
+    _assert_same_outputs_and_acceptance(stock_tp1[1], wideep)
     _assert_draft_layer_on_every_rank(wideep["stats"], 2)
 
 
@@ -127,7 +124,7 @@ def test_ep2_through_dp2_server_k2(model, stock_tp1):
         "draft_tokens": _counter(metrics, "vllm:spec_decode_num_draft_tokens_total"),
         "accepted_tokens": _counter(metrics, "vllm:spec_decode_num_accepted_tokens_total"),
     }
-    _assert_same_outputs_and_acceptance(stock_tp1, result)
+    _assert_same_outputs_and_acceptance(stock_tp1[2], result)
     _assert_draft_layer_on_every_rank(stats, 2)
 
 

@@ -117,3 +117,18 @@ def test_layer_profile_runs_on_cpu_at_a_tiny_shape():
         assert r["ratio"] == pytest.approx(r["wide_total_ms"] / r["stock_total_ms"])
         assert r["max_abs_diff"] < 0.1  # bf16: the two backends compute the same layer
     assert "| tiny-dsv3 (128/64/16/4) | 4 | 1 |" in profile.format_table(rows)
+
+
+def test_eplb_overlap_benchmark_runs_at_a_tiny_shape(tmp_path):
+    """Two gloo ranks move slots sync and overlapped; every move is verified (asserted
+    inside), the JSON has a time per mode."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "overlap.json"
+    argv = [sys.executable, "benchmarks/eplb_overlap.py", "--hidden", "64"]
+    argv += ["--intermediate", "32", "--experts", "4", "--steps", "2", "--json", str(out)]
+    subprocess.run(argv, check=True, timeout=300, cwd=serve.REPO)
+    times = json.loads(out.read_text())["seconds_per_step"]
+    assert set(times) == {"plain", "sync", "overlap"} and all(t > 0 for t in times.values())
