@@ -1,12 +1,14 @@
 """The cost of an online rebalance step, as a ratio to a plain decode step, on CPU.
 
-Serves a tiny model with wide EP at EP=2 (TP=2, `vllm.LLM`) twice in one run, each in its
-own process: the balancer off, and re-planning every `--interval` steps with every layer
-moved in the step after (the most a step can carry). Same prompts, greedy.
+Serves a tiny model with wide EP at EP=2 (TP=2, `vllm.LLM`) three times in one run, each
+in its own process: the balancer off, and re-planning every `--interval` steps with every
+layer moved at once (the most a step can carry), with the moves overlapped with the next
+forward pass (`eplb_overlap`, the default) and without. Same prompts, greedy.
 
     plain step       = wall time of the timed generate, balancer off / engine steps
-    rebalance step   = (wall time on - wall time off) / steps that moved weights
-    also: the balancer's own timer (seconds moving weights per rebalance step, max over ranks)
+    rebalance step   = (wall time on - wall time off) / re-planning steps
+    also: the balancer's own timer (seconds its steps spent beginning and finishing moves
+          per re-planning step, max over ranks)
 
     python benchmarks/eplb_step_cost.py [--arch qwen3_moe] [--tokens 48] [--json out.json]
 
@@ -87,16 +89,18 @@ def main() -> int:
     from vllm_wideep.tiny_models import build_tiny_model
 
     model = str(build_tiny_model(REPO / ".cache" / "tiny-models" / args.arch, args.arch))
+    online = {
+        "enabled": True,
+        "redundant_experts": 2,
+        "eplb": "online",
+        "eplb_interval": args.interval,
+        "eplb_layers_per_step": 64,
+        "eplb_window": 8,
+    }
     configs = {
         "off": {"enabled": True, "redundant_experts": 2},
-        "online": {
-            "enabled": True,
-            "redundant_experts": 2,
-            "eplb": "online",
-            "eplb_interval": args.interval,
-            "eplb_layers_per_step": 64,
-            "eplb_window": 8,
-        },
+        "online": online,
+        "online, no overlap": {**online, "eplb_overlap": False},
     }
     results = {}
     for name, wideep in configs.items():
@@ -112,30 +116,30 @@ def main() -> int:
     steps = args.tokens  # one prefill step and tokens - 1 decode steps, all prompts batched
     plain = results["off"]["seconds"] / steps
     rebalance_steps = steps // args.interval
-    extra = (results["online"]["seconds"] - results["off"]["seconds"]) / rebalance_steps
-    layer_moves, moving = _moves(results["online"]["eplb_before"], results["online"]["eplb_after"])
-    summary = {
-        "arch": args.arch,
-        "steps": steps,
-        "plain_step_ms": plain * 1e3,
-        "rebalance_steps": rebalance_steps,
-        "layer_moves": layer_moves,
-        "extra_ms_per_rebalance_step_wall": extra * 1e3,
-        "moving_ms_per_rebalance_step": moving / rebalance_steps * 1e3,
-        "same_tokens": results["off"]["tokens"] == results["online"]["tokens"],
-    }
+    summary = {"arch": args.arch, "steps": steps, "plain_step_ms": plain * 1e3}
+    summary["rebalance_steps"] = rebalance_steps
     print(f"\n{args.arch}, EP=2 (TP=2), 8 prompts x {args.tokens} tokens, fp32")
-    print(f"plain step                         {summary['plain_step_ms']:8.1f} ms")
-    print(
-        f"rebalance step, extra wall time    {summary['extra_ms_per_rebalance_step_wall']:8.1f} "
-        f"ms  = {extra / plain:.2f} x a plain step"
-    )
-    print(
-        f"rebalance step, moving weights     {summary['moving_ms_per_rebalance_step']:8.1f} "
-        f"ms  = {moving / rebalance_steps / plain:.2f} x a plain step "
-        f"({layer_moves} layer moves in {rebalance_steps} rebalance steps)"
-    )
-    print(f"same tokens with and without rebalancing: {summary['same_tokens']}")
+    print(f"plain step (balancer off)              {plain * 1e3:8.1f} ms")
+    for name in ("online", "online, no overlap"):
+        run = results[name]
+        extra = (run["seconds"] - results["off"]["seconds"]) / rebalance_steps
+        layer_moves, moving = _moves(run["eplb_before"], run["eplb_after"])
+        summary[name] = {
+            "layer_moves": layer_moves,
+            "extra_ms_per_rebalance_step_wall": extra * 1e3,
+            "moving_ms_per_rebalance_step": moving / rebalance_steps * 1e3,
+            "same_tokens": results["off"]["tokens"] == run["tokens"],
+        }
+        print(f"[{name}] {layer_moves} layer moves in {rebalance_steps} re-planning steps")
+        print(
+            f"  extra wall time per re-planning step {extra * 1e3:8.1f} ms "
+            f"= {extra / plain:.2f} x a plain step"
+        )
+        print(
+            f"  balancer's own time                  {moving / rebalance_steps * 1e3:8.1f} ms "
+            f"= {moving / rebalance_steps / plain:.2f} x a plain step"
+        )
+        print(f"  same tokens as with the balancer off: {summary[name]['same_tokens']}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     return 0

@@ -6,12 +6,20 @@ step, and idle data-parallel ranks run a dummy step at the same time, so all ran
 the same steps):
 
     step k:          fold each layer's step counts into the load window (device only)
+                     finish the layers begun at step k-1: verify, commit the weights in
+                     place, then switch the layer's routing tables
     k % interval:    all-reduce the window over the EP group, plan on rank 0
                      (`plan_placement`, keeping experts where they are when that is free),
                      broadcast; the layers whose placement changed become pending
-    while pending:   move `eplb_layers_per_step` layers: weights in place, then the
-                     layer's routing tables; the forward pass after this step sees the
-                     new placement whole, the one before saw the old one whole
+    while pending:   begin moving `eplb_layers_per_step` layers: the transfers run during
+                     the forward pass of step k+1, which still reads the old weights
+
+So a layer's weights travel while the next forward pass computes (`eplb_overlap`; off, a
+layer is finished in the step that begins it), and every forward pass sees each layer's
+old placement whole or its new one whole. The balancer's collectives run on a process
+group of their own: with NCCL its own communicator and stream, so the transfers do not
+queue behind the forward pass's token exchange. Every rank issues them in the same order
+at the same step boundaries.
 
 Dummy steps move weights like real steps but add no load (their tokens are padding).
 """
@@ -26,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vllm_wideep.eplb.mover import apply_moves, plan_moves
+from vllm_wideep.eplb.mover import MovesInFlight, begin_moves, finish_moves, plan_moves
 from vllm_wideep.eplb.placement import Placement
 from vllm_wideep.eplb.policy import plan_placement
 from vllm_wideep.eplb.stats import LoadWindow
@@ -43,7 +51,7 @@ class LayerCounters:
     rebalances: int = 0
     failures: int = 0
     moved_bytes: int = 0  # bytes this rank received from other ranks
-    seconds: float = 0.0  # wall time spent moving this layer
+    seconds: float = 0.0  # wall time this rank's steps spent beginning and finishing moves
 
 
 @dataclass
@@ -54,7 +62,9 @@ class Balancer:
     steps: int = 0
     pending: list[int] = field(default_factory=list)  # layer indices still to move
     target: torch.Tensor | None = None  # [L, N] int64, the plan being applied
+    in_flight: list[tuple[int, MovesInFlight]] = field(default_factory=list)  # begun layers
     counters: list[LayerCounters] = field(default_factory=list)
+    own_group: dist.ProcessGroup | None = None  # made at the first online step
 
     def __post_init__(self) -> None:
         first = self.layers[0]
@@ -97,13 +107,23 @@ class Balancer:
         self.steps += 1
         if self.config.eplb != "online":
             return
+        if self.own_group is None:
+            self.own_group = _own_group(self.group)
+        self._finish()
         if not self.pending and self.steps % self.config.eplb_interval == 0:
             self._plan()
         if self.pending:
             todo = self.pending[: self.config.eplb_layers_per_step]
             self.pending = self.pending[len(todo) :]
             for index in todo:
-                self._move(index)
+                self._begin(index)
+            if not self.config.eplb_overlap:
+                self._finish()
+
+    @property
+    def moving(self) -> bool:
+        """Whether a plan is still being applied (layers pending or in flight)."""
+        return bool(self.pending or self.in_flight)
 
     def load(self) -> torch.Tensor:
         """`[L, E]` float64 on CPU, this rank's windowed load."""
@@ -115,7 +135,7 @@ class Balancer:
     def _plan(self) -> None:
         load = self.window.total()
         if self.num_ranks > 1:
-            dist.all_reduce(load, group=self.group)
+            dist.all_reduce(load, group=self.own_group)
         current = self.placement().physical_to_logical
         if self.rank == 0:
             target = plan_placement(load.cpu(), self.num_ranks, self.slots_per_rank, current)
@@ -123,7 +143,9 @@ class Balancer:
             target = torch.empty_like(current)
         if self.num_ranks > 1:
             target = target.to(load.device)
-            dist.broadcast(target, src=dist.get_global_rank(self.group, 0), group=self.group)
+            dist.broadcast(
+                target, src=dist.get_global_rank(self.own_group, 0), group=self.own_group
+            )
         self.target = target.cpu()
         self.pending = [
             i for i in range(len(self.layers)) if not torch.equal(self.target[i], current[i])
@@ -135,30 +157,62 @@ class Balancer:
             len(self.layers),
         )
 
-    def _move(self, index: int) -> None:
+    def _begin(self, index: int) -> None:
         layer, counter = self.layers[index], self.counters[index]
-        target = self.target[index]
         start = time.perf_counter()
-        plan = plan_moves(layer.physical_to_logical, target, self.slots_per_rank)
+        plan = plan_moves(layer.physical_to_logical, self.target[index], self.slots_per_rank)
         try:
-            ok = apply_moves(plan, layer.weights, self.rank, self.num_ranks, self.group)
+            moves = begin_moves(plan, layer.weights, self.rank, self.num_ranks, self.own_group)
         except (RuntimeError, ValueError) as e:
-            logger.error("vllm_wideep: moving experts of %s failed: %s", layer.layer_name, e)
-            ok = False
+            self._failed(index, e)
+        else:
+            self.in_flight.append((index, moves))
         counter.seconds += time.perf_counter() - start
-        if not ok:
-            counter.failures += 1
-            logger.error(
-                "vllm_wideep: %s keeps its old expert placement (a moved slot failed "
-                "verification); serving goes on",
-                layer.layer_name,
-            )
-            return
-        layer.set_placement(target)
-        counter.rebalances += 1
-        remote = [m for m in plan.incoming(self.rank) if plan.rank_of(m.src_slot) != self.rank]
-        slot_bytes = sum(w[0].numel() * w.element_size() for w in layer.weights)
-        counter.moved_bytes += len(remote) * slot_bytes
+
+    def _finish(self) -> None:
+        """Finish every begun layer (collectives, in the order they were begun)."""
+        for index, moves in self.in_flight:
+            layer, counter = self.layers[index], self.counters[index]
+            start = time.perf_counter()
+            try:
+                ok = finish_moves(moves)
+            except (RuntimeError, ValueError) as e:
+                self._failed(index, e)
+            else:
+                if ok:
+                    layer.set_placement(self.target[index])
+                    counter.rebalances += 1
+                    plan = moves.plan
+                    remote = [
+                        m for m in plan.incoming(self.rank) if plan.rank_of(m.src_slot) != self.rank
+                    ]
+                    slot_bytes = sum(w[0].numel() * w.element_size() for w in layer.weights)
+                    counter.moved_bytes += len(remote) * slot_bytes
+                else:
+                    self._failed(index, "a moved slot failed verification")
+            counter.seconds += time.perf_counter() - start
+        self.in_flight = []
+
+    def _failed(self, index: int, reason) -> None:
+        self.counters[index].failures += 1
+        logger.error(
+            "vllm_wideep: %s keeps its old expert placement (%s); serving goes on",
+            self.layers[index].layer_name,
+            reason,
+        )
+
+
+def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """A process group over `group`'s ranks for the balancer alone (same backend).
+
+    `new_group` is collective over the whole world; the world is the EP group whenever
+    wide EP runs (no pipeline parallelism), otherwise the balancer shares `group`."""
+    if group is None or dist.get_world_size(group) == 1:
+        return group
+    ranks = dist.get_process_group_ranks(group)
+    if len(ranks) != dist.get_world_size():
+        return group
+    return dist.new_group(ranks, backend=dist.get_backend(group))
 
 
 # Wide-EP layers register on the worker's `ParallelConfig` (one per engine; vLLM's model

@@ -1,15 +1,18 @@
 """Move expert weights from one placement to another, in place, for one layer.
 
 `plan_moves(old, new, slots_per_rank)` is pure: it lists, for every slot whose expert
-changes, the slot it copies from. `apply_moves(plan, weights, rank, group)` does the copies:
+changes, the slot it copies from. Two collectives do the copies, so that forward passes
+can run between them while the bytes travel (`apply_moves` calls both at once):
 
-    1. stage: every changed slot of this rank is filled into a staging buffer, by a local
-       copy when this rank already holds the expert, else by a P2P receive; sends read the
-       old weights, which are not written yet, so the order of moves does not matter;
-    2. verify: each staged slot's checksum must equal its source slot's (computed by the
-       source rank and all-gathered); the EP group agrees with an all-reduce (MIN);
-    3. commit, only if every rank verified: copy the staged slots into the weights in place
-       (same storage: captured CUDA graphs stay valid).
+    begin_moves    1. stage: every changed slot of this rank is filled into a staging
+                      buffer, by a local copy when this rank already holds the expert,
+                      else by a P2P receive; sends read the old weights, which are not
+                      written yet, so the order of moves does not matter; returns at once
+    finish_moves   2. verify: each staged slot's checksum must equal its source slot's
+                      (computed by the source rank and all-reduced); the group agrees with
+                      an all-reduce (MIN);
+                   3. commit, only if every rank verified: copy the staged slots into the
+                      weights in place (same storage: captured CUDA graphs stay valid).
 
 A failed verification leaves every rank's weights as they were and returns False.
 
@@ -21,6 +24,7 @@ Worked example (S = 2; old = [0, 1 | 2, 3], new = [0, 2 | 2, 1]):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +118,107 @@ def verify(staged: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
     return all(torch.equal(slot_checksum(staged, i), want) for i, want in enumerate(expected))
 
 
+@dataclass
+class MovesInFlight:
+    """One layer's moves between `begin_moves` and `finish_moves`: staged rows (one per
+    incoming move) being filled by local copies and P2P receives, and the sources'
+    checksums being all-reduced."""
+
+    plan: MovePlan
+    weights: list[torch.Tensor]
+    rank: int
+    num_ranks: int
+    group: dist.ProcessGroup | None
+    staged: list[torch.Tensor]  # per weight tensor: [len(incoming), ...]
+    sources: torch.Tensor  # [N, 2] int64, slot checksums of the move sources
+    works: list  # outstanding P2P and all-reduce requests
+    stream: torch.cuda.Stream | None  # side stream of the local copies (GPU)
+
+
+def begin_moves(
+    plan: MovePlan,
+    weights: list[torch.Tensor],
+    rank: int,
+    num_ranks: int,
+    group: dist.ProcessGroup | None,
+) -> MovesInFlight:
+    """Start `plan` on this rank's weights (each `[S, ...]`, slot-major) without waiting:
+    the P2P transfers progress in the background (gloo's transport threads on CPU,
+    NCCL's stream on GPU) and the local copies run on a side stream on GPU. The weights
+    are only read until `finish_moves`, so forward passes may run in between. A
+    collective over `group`: every rank calls it with the same plan, in the same order."""
+    first_slot = rank * plan.slots_per_rank
+    incoming = plan.incoming(rank)
+    staged_row = {m.dst_slot: i for i, m in enumerate(incoming)}
+    device = weights[0].device
+    stream = None
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # weights written before
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        # Sources' checksums (of the old weights); each source is set by its own rank.
+        sources = torch.zeros(num_ranks * plan.slots_per_rank, 2, dtype=torch.int64, device=device)
+        for m in plan.moves:
+            if plan.rank_of(m.src_slot) == rank:
+                sources[m.src_slot] = slot_checksum(weights, m.src_slot - first_slot)
+        works = []
+        if num_ranks > 1:
+            works.append(dist.all_reduce(sources, group=group, async_op=True))
+
+        staged = [w.new_empty((len(incoming), *w.shape[1:])) for w in weights]
+        ops = []
+        for m in plan.moves:  # the same order on every rank pairs the sends and receives
+            src_rank, dst_rank = plan.rank_of(m.src_slot), plan.rank_of(m.dst_slot)
+            if src_rank == rank and dst_rank != rank:
+                peer = _global_rank(group, dst_rank)
+                ops += [
+                    dist.P2POp(dist.isend, w[m.src_slot - first_slot], peer, group) for w in weights
+                ]
+            elif dst_rank == rank and src_rank != rank:
+                peer = _global_rank(group, src_rank)
+                ops += [
+                    dist.P2POp(dist.irecv, s[staged_row[m.dst_slot]], peer, group) for s in staged
+                ]
+        for i, m in enumerate(incoming):
+            if plan.rank_of(m.src_slot) == rank:
+                for w, s in zip(weights, staged, strict=True):
+                    s[i].copy_(w[m.src_slot - first_slot])
+        if ops:
+            works += dist.batch_isend_irecv(ops)
+    return MovesInFlight(plan, weights, rank, num_ranks, group, staged, sources, works, stream)
+
+
+def finish_moves(moves: MovesInFlight) -> bool:
+    """Wait for `begin_moves`'s transfers, verify every staged slot, agree over the group,
+    and only if every rank verified, copy the staged slots into the weights in place (same
+    storage: captured CUDA graphs stay valid). Returns False, with the weights untouched
+    on every rank, if any staged slot fails verification. A collective, like
+    `begin_moves`; forward passes after it see the new weights."""
+    plan, weights, rank = moves.plan, moves.weights, moves.rank
+    device = weights[0].device
+    if moves.stream is not None:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(moves.stream)
+        for t in [*moves.staged, moves.sources]:  # allocated on the side stream, used here
+            t.record_stream(current)
+    for work in moves.works:  # a send's source is read until it completes: commit after
+        work.wait()
+
+    incoming = plan.incoming(rank)
+    ok = verify(moves.staged, [moves.sources[m.src_slot] for m in incoming])
+    verdict = torch.tensor([int(ok)], dtype=torch.int64, device=device)
+    if moves.num_ranks > 1:
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=moves.group)
+    if not bool(verdict.item()):
+        return False
+
+    first_slot = rank * plan.slots_per_rank
+    for i, m in enumerate(incoming):
+        for w, s in zip(weights, moves.staged, strict=True):
+            w[m.dst_slot - first_slot].copy_(s[i])
+    return True
+
+
 def apply_moves(
     plan: MovePlan,
     weights: list[torch.Tensor],
@@ -121,52 +226,9 @@ def apply_moves(
     num_ranks: int,
     group: dist.ProcessGroup | None,
 ) -> bool:
-    """Carry out `plan` on this rank's weights (each `[S, ...]`, slot-major); a collective
-    over `group` (every rank calls it with the same plan). Returns False, with the weights
-    untouched on every rank, if any staged slot fails verification."""
-    first_slot = rank * plan.slots_per_rank
-    incoming = plan.incoming(rank)
-    staged_row = {m.dst_slot: i for i, m in enumerate(incoming)}
+    """`begin_moves` then `finish_moves`: carry out `plan` before returning."""
+    return finish_moves(begin_moves(plan, weights, rank, num_ranks, group))
 
-    # 1. Stage. Sources' checksums first (they read the old weights).
-    sources = torch.zeros(num_ranks * plan.slots_per_rank, 2, dtype=torch.int64)
-    sources = sources.to(weights[0].device)
-    for m in plan.moves:
-        if plan.rank_of(m.src_slot) == rank:
-            sources[m.src_slot] = slot_checksum(weights, m.src_slot - first_slot)
-    if num_ranks > 1:
-        dist.all_reduce(sources, group=group)  # each source is set by its own rank only
 
-    staged = [w.new_empty((len(incoming), *w.shape[1:])) for w in weights]
-    ops = []
-    for m in plan.moves:  # the same order on every rank pairs the sends and receives
-        src_rank, dst_rank = plan.rank_of(m.src_slot), plan.rank_of(m.dst_slot)
-        if src_rank == rank and dst_rank != rank:
-            peer = dist.get_global_rank(group, dst_rank) if group is not None else dst_rank
-            ops += [
-                dist.P2POp(dist.isend, w[m.src_slot - first_slot], peer, group) for w in weights
-            ]
-        elif dst_rank == rank and src_rank != rank:
-            peer = dist.get_global_rank(group, src_rank) if group is not None else src_rank
-            ops += [dist.P2POp(dist.irecv, s[staged_row[m.dst_slot]], peer, group) for s in staged]
-    for i, m in enumerate(incoming):
-        if plan.rank_of(m.src_slot) == rank:
-            for w, s in zip(weights, staged, strict=True):
-                s[i].copy_(w[m.src_slot - first_slot])
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-
-    # 2. Verify, and agree.
-    ok = verify(staged, [sources[m.src_slot] for m in incoming])
-    verdict = torch.tensor([int(ok)], dtype=torch.int64, device=weights[0].device)
-    if num_ranks > 1:
-        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
-    if not bool(verdict.item()):
-        return False
-
-    # 3. Commit in place.
-    for i, m in enumerate(incoming):
-        for w, s in zip(weights, staged, strict=True):
-            w[m.dst_slot - first_slot].copy_(s[i])
-    return True
+def _global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank

@@ -100,6 +100,13 @@ class WideEPConfig:
         default=4,
         metadata={"help": "MoE layers whose weights move in one engine step while re-planning."},
     )
+    eplb_overlap: bool = field(
+        default=True,
+        metadata={
+            "help": "Move a layer's expert weights while the next forward pass runs and "
+            "switch to them at the step after; off, the step that begins a move waits for it."
+        },
+    )
     eplb_stats: EplbStats = field(
         default="window",
         metadata={

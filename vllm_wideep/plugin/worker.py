@@ -81,11 +81,11 @@ def _step_balancer(parallel_config, is_dummy: bool, is_profile: bool) -> None:
     balancer = balancer_for(parallel_config)
     if balancer is None:
         return
-    moving = bool(balancer.pending)
+    moving = balancer.moving
     balancer.step(is_dummy=is_dummy, is_profile=is_profile)
     if not hasattr(balancer, "publisher"):
         balancer.publisher = Publisher(balancer.rank)
-    if balancer.steps % PUBLISH_EVERY == 1 or (moving and not balancer.pending):
+    if balancer.steps % PUBLISH_EVERY == 1 or (moving and not balancer.moving):
         balancer.publisher.publish(balancer)
 
 
