@@ -3,7 +3,7 @@
 Serves a tiny model with wide EP at EP=2 (TP=2, `vllm.LLM`) three times in one run, each
 in its own process: the balancer off, and re-planning every `--interval` steps with every
 layer moved at once (the most a step can carry), with the moves overlapped with the next
-forward pass (`eplb_overlap`, the default) and without. Same prompts, greedy.
+forward pass (`eplb_overlap` on) and without (off). Same prompts, greedy.
 
     plain step       = wall time of the timed generate, balancer off / engine steps
     rebalance step   = (wall time on - wall time off) / re-planning steps
@@ -99,8 +99,8 @@ def main() -> int:
     }
     configs = {
         "off": {"enabled": True, "redundant_experts": 2},
-        "online": online,
-        "online, no overlap": {**online, "eplb_overlap": False},
+        "online": {**online, "eplb_overlap": "on"},
+        "online, no overlap": {**online, "eplb_overlap": "off"},
     }
     results = {}
     for name, wideep in configs.items():

@@ -96,7 +96,7 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
         eplb_interval=2,
         eplb_layers_per_step=1,
         eplb_window=4,
-        eplb_overlap=overlap,
+        eplb_overlap="on" if overlap else "off",
     )
     balancer = Balancer(layers, config, dist.group.WORLD)
     gen = torch.Generator().manual_seed(rank)

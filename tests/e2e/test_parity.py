@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 WIDEEP = {"wideep": {"enabled": True}}
 # EP=2 through TP=2 runs with the load balancer on: 2 redundant slots, a new placement
-# planned from the last 16 steps' load every 3 steps, one layer's weights moved per step.
+# planned from the last 16 steps' load every 3 steps, one layer's weights moved per step,
+# overlapped with the next forward pass (off by default on CPU; test_eplb.py's server
+# runs the default).
 WIDEEP_REBALANCING = {
     "wideep": {
         "enabled": True,
@@ -32,6 +34,7 @@ WIDEEP_REBALANCING = {
         "eplb_interval": 3,
         "eplb_layers_per_step": 1,
         "eplb_window": 16,
+        "eplb_overlap": "on",
     }
 }
 # EP 2 through TP 2 in float32 (each case is an engine start with two workers). Not

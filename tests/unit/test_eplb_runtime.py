@@ -21,7 +21,7 @@ from vllm_wideep.eplb.files import (
     write_load,
     write_placement,
 )
-from vllm_wideep.eplb.mover import plan_moves
+from vllm_wideep.eplb.mover import plan_moves, slot_checksum
 from vllm_wideep.eplb.placement import Placement
 from vllm_wideep.eplb.stats import LoadWindow, record
 from vllm_wideep.eplb.traces import zipf_load
@@ -305,3 +305,22 @@ def test_record_placement_heatmap_commands(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "bad.json").write_text("[]")
     assert eplb_main(["heatmap", "--load", str(tmp_path / "bad.json"), "--out", str(png)]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 4, 8), (3, 5, 3)])  # 8-byte words, and odd sizes
+def test_slot_checksum_sees_a_flipped_bit_and_swapped_words(dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen).to(dtype), torch.randn(shape).to(dtype)]
+    copy = [w.clone() for w in weights]
+    want = slot_checksum(weights, 1)
+    assert torch.equal(slot_checksum(copy, 1), want)
+    assert not torch.equal(slot_checksum(copy, 0), want)
+    flipped = [w.clone() for w in weights]
+    flipped[1].view(-1).view(torch.uint8)[flipped[1][0].numel() * dtype.itemsize + 3] ^= 4
+    assert not torch.equal(slot_checksum(flipped, 1), want)
+    swapped = [w.clone() for w in weights]
+    row = swapped[0][1].view(-1).view(torch.uint8)  # swap the first and last 8 bytes
+    head, tail = row[:8].clone(), row[-8:].clone()
+    row[:8], row[-8:] = tail, head
+    assert not torch.equal(slot_checksum(swapped, 1), want)

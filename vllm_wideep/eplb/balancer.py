@@ -14,9 +14,9 @@ the same steps):
     while pending:   begin moving `eplb_layers_per_step` layers: the transfers run during
                      the forward pass of step k+1, which still reads the old weights
 
-So a layer's weights travel while the next forward pass computes (`eplb_overlap`; off, a
-layer is finished in the step that begins it), and every forward pass sees each layer's
-old placement whole or its new one whole. The balancer's collectives run on a process
+So a layer's weights travel while the next forward pass computes (`eplb_overlap`, on with
+GPUs; off, a layer is finished in the step that begins it), and every forward pass sees
+each layer's old placement whole or its new one whole. The balancer's collectives run on a process
 group of their own: with NCCL its own communicator and stream, so the transfers do not
 queue behind the forward pass's token exchange. Every rank issues them in the same order
 at the same step boundaries.
@@ -87,6 +87,8 @@ class Balancer:
             first.step_counts.device,
         )
         self.counters = [LayerCounters() for _ in self.layers]
+        overlap = self.config.eplb_overlap
+        self.overlap = overlap == "on" or (overlap == "auto" and first.weights[0].is_cuda)
 
     @property
     def layer_names(self) -> list[str]:
@@ -117,7 +119,7 @@ class Balancer:
             self.pending = self.pending[len(todo) :]
             for index in todo:
                 self._begin(index)
-            if not self.config.eplb_overlap:
+            if not self.overlap:
                 self._finish()
 
     @property

@@ -20,6 +20,7 @@ DispatchDtype = Literal["auto", "fp8"]
 ExpertsBackend = Literal["auto", "triton", "torch"]
 EplbMode = Literal["off", "online"]
 EplbStats = Literal["window", "decay"]
+EplbOverlap = Literal["auto", "on", "off"]
 
 ADDITIONAL_CONFIG_KEY = "wideep"
 
@@ -100,11 +101,13 @@ class WideEPConfig:
         default=4,
         metadata={"help": "MoE layers whose weights move in one engine step while re-planning."},
     )
-    eplb_overlap: bool = field(
-        default=True,
+    eplb_overlap: EplbOverlap = field(
+        default="auto",
         metadata={
-            "help": "Move a layer's expert weights while the next forward pass runs and "
-            "switch to them at the step after; off, the step that begins a move waits for it."
+            "help": "'on': move a layer's expert weights while the next forward pass runs "
+            "and switch to them at the step after. 'off': the step that begins a move "
+            "waits for it. 'auto': on with GPUs, off on CPU (where the copies and the "
+            "forward pass share the cores: overlapping measured slower)."
         },
     )
     eplb_stats: EplbStats = field(
