@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the Triton MoE experts (at most 6 min 45 s: 30 + 150 + 180 + 45 s of step timeouts):
-#   1. kernel correctness tests on the GPU for real (no interpreter),
+#   1. kernel correctness tests on the GPU for real (no interpreter), and one rank's expert
+#      moves on a side stream beside a forward pass and under a CUDA graph,
 #   2. the wide-EP benchmark table (benchmarks/grouped_gemm.py),
 #   3. a quick autotune of two buckets, to prove the command and the JSON it writes.
 # Logs and JSON go to $OUT (default ./out). Every step has a timeout and a failure does not

@@ -14,12 +14,12 @@ the same steps):
     while pending:   begin moving `eplb_layers_per_step` layers: the transfers run during
                      the forward pass of step k+1, which still reads the old weights
 
-So a layer's weights travel while the next forward pass computes (`eplb_overlap`, on with
-GPUs; off, a layer is finished in the step that begins it), and every forward pass sees
-each layer's old placement whole or its new one whole. The balancer's collectives run on a process
-group of their own: with NCCL its own communicator and stream, so the transfers do not
-queue behind the forward pass's token exchange. Every rank issues them in the same order
-at the same step boundaries.
+So a layer's weights travel while the next forward pass computes (`eplb_overlap`, on
+with GPUs; off, a layer is finished in the step that begins it), and every forward pass
+sees each layer's old placement whole or its new one whole. The balancer's collectives
+run on a process group of their own: with NCCL its own communicator and stream, so the
+transfers do not queue behind the forward pass's token exchange. Every rank issues them
+in the same order at the same step boundaries.
 
 Dummy steps move weights like real steps but add no load (their tokens are padding).
 """
