@@ -1,7 +1,8 @@
 """Greedy outputs with `--enable-wideep` equal stock vLLM at TP=1, for every tiny model:
-in float32 and bfloat16 at EP=1, EP=2 through TP=2 (LLM class, with the load balancer
-moving experts every 3 steps; float32) and EP=2 through DP=2 (the
-OpenAI server, `vllm serve --enable-wideep`; the cases are listed at `SERVER_CASES`)."""
+in float32 and bfloat16 at EP=1, EP=2 through TP=2 (LLM class, vLLM's multiprocessing
+executor, one token-exchange backend per model, with the load balancer moving experts
+every 3 steps; float32) and EP=2 through DP=2 (the OpenAI server, `vllm serve
+--enable-wideep`; the cases are listed at `SERVER_CASES`)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ WIDEEP_REBALANCING = {
 # where the top-2 margin is 0.36, past the bf16 tie margin (measured); bfloat16 is checked
 # at EP 1 and through DP 2 (the server cases), where attention is not split.
 TP2_CASES = [(arch, "float32") for arch in ARCHES]
+# The token exchange of each TP 2 case: every backend runs once (the backends do not
+# depend on the model; the DP 2 server cases run the default `a2a` on the other models).
+TP2_BACKEND = {"qwen3_moe": "a2a", "deepseek_v3": "capacity", "mixtral": "allgather"}
 
 
 def _experts_used_on_every_rank(stats: list[dict], num_ranks: int) -> None:
@@ -77,7 +81,10 @@ def tp2(tiny_model):
             "model": tiny_model(arch),
             "dtype": dtype,
             "tensor_parallel_size": 2,
-            "additional_config": WIDEEP_REBALANCING,
+            "distributed_executor_backend": "mp",
+            "additional_config": {
+                "wideep": {**WIDEEP_REBALANCING["wideep"], "a2a_backend": TP2_BACKEND[arch]}
+            },
         }
         for arch, dtype in TP2_CASES
     ]
@@ -108,6 +115,30 @@ def test_ep2_through_tp2_while_rebalancing(case, stock, tp2):
             assert counters["rebalances"] >= 2, (layer, counters)
             assert counters["failures"] == 0, (layer, counters)
     assert sum(c["moved_bytes"] for r in stats for c in r["eplb"].values()) > 0
+    traffic = _traffic(tp2[case])
+    assert traffic["calls"] > 0 and traffic["dispatch_sent_bytes"] > 0
+    assert traffic["overflow_rows"] == 0
+
+
+def test_capacity_moves_padded_blocks(tp2):
+    """The `capacity` exchange with its default (worst-case) capacity sends a full block
+    per peer on every call: more bytes per call than `allgather`'s rows on the same
+    prompts and hidden size. Per call, because two engines need not make the same number
+    of MoE calls. (`a2a` against `allgather`, byte for byte: tests/dist/test_a2a_dispatch.py.)"""
+    by_backend = {TP2_BACKEND[arch]: _traffic(tp2[(arch, dtype)]) for arch, dtype in TP2_CASES}
+    capacity, allgather = by_backend["capacity"], by_backend["allgather"]
+    for key in ("dispatch_sent_bytes", "combine_sent_bytes"):
+        assert capacity[key] / capacity["calls"] > allgather[key] / allgather["calls"], key
+
+
+def _traffic(result: dict) -> dict[str, int]:
+    """Token-exchange counters summed over ranks and layers."""
+    totals: dict[str, int] = {}
+    for rank in result["stats"]:
+        for counters in rank["traffic"].values():
+            for name, value in counters.items():
+                totals[name] = totals.get(name, 0) + value
+    return totals
 
 
 # Each case is a server start, the costliest step of the suite: Mixtral in float32 and
