@@ -29,12 +29,10 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
 import platform
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -106,12 +104,6 @@ def predicted_factor(num_ranks: int) -> float:
 # --------------------------------------------------------------------------- latency
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 BACKEND_CASES = [
     ("a2a", 0, "auto"),
     ("a2a", 0, "fp8"),
@@ -120,21 +112,14 @@ BACKEND_CASES = [
 ]
 
 
-def _latency_rank(rank, world_size, port, iters, results):
+def _latency_rank(rank, world_size, iters):
+    """Median ms and bytes per token of each backend case (rank 0's view)."""
     import torch.distributed as dist
 
     from vllm_wideep.comm.registry import make_dispatcher
     from vllm_wideep.plugin.config import WideEPConfig
 
     torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=300),
-    )
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(TOKENS_PER_RANK, HIDDEN, generator=g).to(DTYPE)
     ids = sample_routing(TOKENS_PER_RANK * world_size, "uniform", seed=0)
@@ -174,32 +159,13 @@ def _latency_rank(rank, world_size, port, iters, results):
             name += "_worst"
         per_token = sent.item() / (traffic["calls"] * TOKENS_PER_RANK * world_size)
         out[name] = {"ms": 1e3 * statistics.median(times), "bytes_per_token": per_token}
-    if rank == 0:
-        results.put(out)
-    dist.destroy_process_group()
+    return out
 
 
 def measure_latency(world_size: int, iters: int) -> dict:
-    import torch.multiprocessing as mp
+    from vllm_wideep.testing.ranks import run_ranks
 
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_latency_rank, args=(r, world_size, port, iters, results))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    codes = [p.exitcode for p in procs]
-    if codes != [0] * world_size:
-        raise RuntimeError(f"rank exit codes {codes}")
-    return results.get()
+    return run_ranks(_latency_rank, world_size, iters)[0]
 
 
 # --------------------------------------------------------------------------- fp8

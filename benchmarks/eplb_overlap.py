@@ -20,36 +20,24 @@ the balancer's own process group, as the server does.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-REPO = Path(__file__).resolve().parents[1]
+from vllm_wideep.eplb.mover import apply_moves, begin_moves, finish_moves, plan_moves
+from vllm_wideep.layer.slots import home_placement
+from vllm_wideep.testing.ranks import run_ranks
+
 WORLD = 2
 
 
-def _rank_main(rank: int, port: int, args: argparse.Namespace, results) -> None:
-    sys.path.insert(0, str(REPO))
-    from vllm_wideep.eplb.mover import apply_moves, begin_moves, finish_moves, plan_moves
-    from vllm_wideep.layer.slots import home_placement
-
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per step of each mode on this rank."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=120),
-    )
     mover_group = dist.new_group([0, 1], backend="gloo")
     slots = args.experts // WORLD + 1
     gen = torch.Generator().manual_seed(rank)
@@ -95,14 +83,7 @@ def _rank_main(rank: int, port: int, args: argparse.Namespace, results) -> None:
     run("overlap")  # warm up every path
     times = {mode: run(mode) for mode in ("plain", "sync", "overlap", "plain")}
     times["plain"] = min(times["plain"], run("plain"))
-    results.put((rank, times))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return times
 
 
 def main() -> int:
@@ -116,20 +97,9 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, args, results)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-    if any(p.exitcode != 0 for p in procs):
-        print(f"a rank failed: exit codes {[p.exitcode for p in procs]}", file=sys.stderr)
-        return 1
-    per_rank = dict(results.get() for _ in range(WORLD))
+    per_rank = run_ranks(_rank_main, WORLD, args, timeout_s=900)
     # A step ends when its slowest rank ends: the max over ranks.
-    times = {mode: max(per_rank[r][mode] for r in per_rank) for mode in per_rank[0]}
+    times = {mode: max(rank[mode] for rank in per_rank) for mode in per_rank[0]}
     slot_mb = (3 * args.intermediate * args.hidden * 2) / 1e6
     plain = times["plain"]
     print(

@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import time
 import types
@@ -380,31 +378,17 @@ def summarize(per_rank: list[list[dict]], shapes: dict[str, MoEShape]) -> list[d
 # --------------------------------------------------------------------------- ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_group(rank: int, world_size: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=600),
-    )
-
-
 @contextlib.contextmanager
 def single_rank_group():
     """A one-rank gloo group in this process (EP=1), destroyed on exit."""
     if dist.is_initialized():
         raise RuntimeError("a default process group exists already")
+    from vllm_wideep.testing.launch import free_port
+    from vllm_wideep.testing.ranks import init_gloo
+
     threads = torch.get_num_threads()
-    _init_group(0, 1, _free_port())
+    torch.set_num_threads(1)
+    init_gloo(0, 1, free_port())
     try:
         yield
     finally:
@@ -418,43 +402,16 @@ def profile_ep1(shapes, tokens, budget_s, **kwargs) -> list[dict]:
     return summarize([rows], {s.name: s for s in shapes})
 
 
-def _rank_entry(rank, world_size, port, args, results):
-    _init_group(rank, world_size, port)
-    try:
-        results.put((rank, profile_rank(rank, world_size, *args)))
-    finally:
-        dist.destroy_process_group()
+def _rank_entry(rank, world_size, *args) -> list[dict]:
+    torch.set_num_threads(1)
+    return profile_rank(rank, world_size, *args)
 
 
 def profile_spawned(world_size: int, shapes, tokens, budget_s) -> list[dict]:
-    import torch.multiprocessing as mp
+    from vllm_wideep.testing.ranks import run_ranks
 
-    ctx = mp.get_context("spawn")
-    results = ctx.SimpleQueue()
-    port = _free_port()
-    args = (shapes, tokens, budget_s)
-    procs = [
-        ctx.Process(target=_rank_entry, args=(r, world_size, port, args, results))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    per_rank = {}
-    while len(per_rank) < world_size:  # read before join: the queue's pipe is finite
-        if not results.empty():
-            rank, rows = results.get()
-            per_rank[rank] = rows
-        elif any(p.exitcode not in (None, 0) for p in procs):
-            break
-        else:
-            time.sleep(0.5)
-    for p in procs:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    if len(per_rank) < world_size:
-        raise RuntimeError(f"rank exit codes {[p.exitcode for p in procs]}")
-    return summarize([per_rank[r] for r in range(world_size)], {s.name: s for s in shapes})
+    per_rank = run_ranks(_rank_entry, world_size, shapes, tokens, budget_s)
+    return summarize(per_rank, {s.name: s for s in shapes})
 
 
 # --------------------------------------------------------------------------- main

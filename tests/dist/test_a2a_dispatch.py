@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist.harness import run_ranks
+from vllm_wideep.testing.ranks import run_ranks
 from vllm_wideep.comm.packing import RowFormat
 from vllm_wideep.comm.registry import make_dispatcher
 from vllm_wideep.plugin.config import WideEPConfig

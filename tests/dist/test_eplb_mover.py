@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist.harness import run_ranks
+from vllm_wideep.testing.ranks import run_ranks
 from vllm_wideep.eplb import mover
 from vllm_wideep.eplb.balancer import Balancer
 from vllm_wideep.eplb.mover import apply_moves, begin_moves, finish_moves, plan_moves

@@ -184,12 +184,8 @@ class Balancer:
                 if ok:
                     layer.set_placement(self.target[index])
                     counter.rebalances += 1
-                    plan = moves.plan
-                    remote = [
-                        m for m in plan.incoming(self.rank) if plan.rank_of(m.src_slot) != self.rank
-                    ]
                     slot_bytes = sum(w[0].numel() * w.element_size() for w in layer.weights)
-                    counter.moved_bytes += len(remote) * slot_bytes
+                    counter.moved_bytes += len(moves.plan.received(self.rank)) * slot_bytes
                 else:
                     self._failed(index, "a moved slot failed verification")
             counter.seconds += time.perf_counter() - start

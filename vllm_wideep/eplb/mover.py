@@ -60,6 +60,10 @@ class MovePlan:
         """Moves into this rank's slots, in plan order."""
         return [m for m in self.moves if self.rank_of(m.dst_slot) == rank]
 
+    def received(self, rank: int) -> list[SlotMove]:
+        """Moves into this rank's slots from other ranks' slots (P2P receives)."""
+        return [m for m in self.incoming(rank) if self.rank_of(m.src_slot) != rank]
+
     def outgoing(self, rank: int) -> list[SlotMove]:
         """Moves from this rank's slots to other ranks, in plan order."""
         return [
