@@ -19,20 +19,23 @@ $(STAMP): pyproject.toml tools/fix_cpu_venv.py $(wildcard patches/*.patch)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[cpu,test,tools,ray]'
 	$(PY) tools/fix_cpu_venv.py
+	# The repository's development code (tools/, benchmarks/) importable in this venv only;
+	# the installed package is vllm_wideep alone.
+	$(PY) -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'vllm_wideep_repo.pth').write_text('$(CURDIR)\n')"
 	$(PY) -c "import vllm, vllm_wideep; print('vllm', vllm.__version__, 'ok')"
 	touch $(STAMP)
 
 demo: install
-	$(PY) examples/demo.py --workdir $(DEMO_DIR)
+	$(PY) examples/demo.py --model $(MODEL_DIR) --workdir $(DEMO_DIR)
 
 # Retrain the tiny DeepSeek-V3 of the accuracy checks (deterministic from the seed: one thread,
 # deterministic algorithms; two short runs give the same bytes, tests/unit/test_accuracy.py).
 model: install
-	$(PY) -m vllm_wideep.accuracy.train $(MODEL_DIR)
+	$(PY) -m tools.accuracy.train $(MODEL_DIR)
 
-# lm-eval on the trained model: stock vLLM against wide EP (table in README.md).
+# lm-eval on the trained model: stock vLLM against wide EP (table in docs/accuracy.md).
 eval: install
-	$(PY) -m vllm_wideep.accuracy.eval --model $(MODEL_DIR)
+	$(PY) -m tools.accuracy.eval --model $(MODEL_DIR)
 
 # The whole suite (CI runs this).
 test: install
@@ -50,9 +53,11 @@ test-slow: install
 bench-serve: install
 	$(PY) benchmarks/serve.py
 
+# ruff, and the import contracts of pyproject.toml (the package's layers, no cycles).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tools.ranks import run_ranks
+from vllm_wideep.eplb.location import home_placement
 from vllm_wideep.eplb.mover import apply_moves, begin_moves, finish_moves, plan_moves
-from vllm_wideep.layer.slots import home_placement
-from vllm_wideep.testing.ranks import run_ranks
 
 WORLD = 2
 

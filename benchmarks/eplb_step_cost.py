@@ -85,7 +85,7 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(REPO))
-    from vllm_wideep.testing.launch import e2e_env, run_group
+    from tools.launch import e2e_env, run_group
     from vllm_wideep.tiny_models import build_tiny_model
 
     model = str(build_tiny_model(REPO / ".cache" / "tiny-models" / args.arch, args.arch))

@@ -136,32 +136,23 @@ class WideEPLayer:
     prepare/finalize and experts code."""
 
     def __init__(self, layer: RankLayer, group, rank: int, num_ranks: int):
-        from vllm_wideep.comm.a2a import AllToAllDispatcher
+        from vllm_wideep.comm.alltoall import AllToAllDispatcher
+        from vllm_wideep.eplb.location import ExpertSlots
+        from vllm_wideep.kernels import WeightCache
         from vllm_wideep.layer.prepare_finalize import TokenSlice, WideEPPrepareAndFinalize
-        from vllm_wideep.layer.slots import ExpertSlots
 
         E = layer.shape.experts
         per_rank = E // num_ranks
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         self.w13, self.w2 = layer.w13[mine], layer.w2[mine]  # views: no copy
-        slots = ExpertSlots(
-            layer_name="profile",
-            num_experts=E,
-            num_ranks=num_ranks,
-            rank=rank,
-            slots_per_rank=per_rank,
-            weights=[self.w13, self.w2],
-            physical_to_logical=torch.arange(E),
-            routing=None,
-            step_counts=torch.zeros(E, dtype=torch.int64),
-        )
-        dispatcher = AllToAllDispatcher(group=group, experts_per_rank=per_rank, num_ranks=num_ranks)
+        slots = ExpertSlots.create("profile", [self.w13, self.w2], E, num_ranks, rank, routed=False)
+        dispatcher = AllToAllDispatcher(group=group, slots_per_rank=per_rank, num_ranks=num_ranks)
         self.prepare_finalize = WideEPPrepareAndFinalize(
             dispatcher, TokenSlice(0, 1), num_ranks, slots
         )
-        # `WideEPExperts.apply` reads only these two attributes of its instance.
+        # `WideEPExperts.apply` reads only these attributes of its instance.
         self.experts_state = types.SimpleNamespace(
-            backend="torch", tokens_per_expert=torch.zeros(per_rank, dtype=torch.int64)
+            backend="torch", tokens_per_slot=slots.tokens_per_slot, weight_cache=WeightCache()
         )
         self.num_experts = E
 
@@ -244,8 +235,12 @@ def time_stock(layer: RankLayer, x) -> tuple[dict[str, float], torch.Tensor]:
 def time_exchange_parts(wide: WideEPLayer, x, topk_weights, topk_ids) -> dict[str, float]:
     """The steps of `AllToAllDispatcher.dispatch` and `.combine`, timed one by one (the
     same calls; the traffic counters of both, done in between there, timed last)."""
-    from vllm_wideep.comm.a2a import exchange_rows, exchange_traffic, return_rows
-    from vllm_wideep.comm.base import TrafficCounters
+    from vllm_wideep.comm.exchange import (
+        combine_traffic,
+        dispatch_traffic,
+        exchange_rows,
+        return_rows,
+    )
     from vllm_wideep.comm.packing import RowFormat
     from vllm_wideep.comm.routing import plan_routes
     from vllm_wideep.eplb.stats import record
@@ -255,7 +250,7 @@ def time_exchange_parts(wide: WideEPLayer, x, topk_weights, topk_ids) -> dict[st
     t = [time.perf_counter()]
     record(pf.slots.step_counts, topk_ids)
     t.append(time.perf_counter())
-    plan = plan_routes(topk_ids, topk_weights, d.experts_per_rank, d.num_ranks)
+    plan = plan_routes(topk_ids, topk_weights, d.slots_per_rank, d.num_ranks)
     t.append(time.perf_counter())
     fmt = RowFormat.of(x, topk_ids, d.dispatch_dtype)
     send = fmt.pack(x[plan.token_index], plan.local_ids, plan.weights)
@@ -270,17 +265,8 @@ def time_exchange_parts(wide: WideEPLayer, x, topk_weights, topk_ids) -> dict[st
     out.index_add_(0, plan.token_index, returned.float())
     torch.empty_like(x).copy_(out)  # finalize's copy into the layer output
     t.append(time.perf_counter())
-    d.traffic.add(exchange_traffic(exchange, d.rank, d.num_ranks, fmt.nbytes, x.device))
-    received, sent = exchange.remote(d.rank)
-    row_bytes = x.shape[1] * x.element_size()
-    d.traffic.add(
-        TrafficCounters.increment(
-            x.device,
-            calls=1,
-            combine_sent_bytes=sent * row_bytes,
-            combine_recv_bytes=received * row_bytes,
-        )
-    )
+    d.traffic.add(dispatch_traffic(exchange, d.rank, d.num_ranks, fmt.nbytes, x.device))
+    d.traffic.add(combine_traffic(exchange, d.rank, returned, calls=1))
     t.append(time.perf_counter())
     return {name: t[i + 1] - t[i] for i, name in enumerate(EXCHANGE_PARTS)}
 
@@ -383,8 +369,8 @@ def single_rank_group():
     """A one-rank gloo group in this process (EP=1), destroyed on exit."""
     if dist.is_initialized():
         raise RuntimeError("a default process group exists already")
-    from vllm_wideep.testing.launch import free_port
-    from vllm_wideep.testing.ranks import init_gloo
+    from tools.launch import free_port
+    from tools.ranks import init_gloo
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -408,7 +394,7 @@ def _rank_entry(rank, world_size, *args) -> list[dict]:
 
 
 def profile_spawned(world_size: int, shapes, tokens, budget_s) -> list[dict]:
-    from vllm_wideep.testing.ranks import run_ranks
+    from tools.ranks import run_ranks
 
     per_rank = run_ranks(_rank_entry, world_size, shapes, tokens, budget_s)
     return summarize(per_rank, {s.name: s for s in shapes})

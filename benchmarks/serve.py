@@ -6,7 +6,7 @@
 
 For each configuration it starts `vllm serve` on the tiny checkpoint (built in
 `.cache/tiny-models/<arch>` if missing) in its own process group
-(`vllm_wideep.testing.launch.Server`), runs vLLM's own client, `vllm bench serve`, once per
+(`tools.launch.Server`), runs vLLM's own client, `vllm bench serve`, once per
 request rate on the same random prompts (fixed input and output lengths, `--ignore-eos`,
 seed 0), reads its JSON and stops the server. Configurations (`CONFIGS`):
 
@@ -292,7 +292,7 @@ def run_client(argv: list[str], result_dir: str) -> dict:
 
 
 def run_config(config: ServeConfig, model: Path, args, step: str) -> list[dict]:
-    from vllm_wideep.testing.launch import Server, e2e_env
+    from tools.launch import Server, e2e_env
 
     extra = {} if config.plugin else {"VLLM_PLUGINS": ""}
     env = e2e_env(num_ranks=config.ranks, **extra)

@@ -89,6 +89,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
+    from tokenizers import Tokenizer
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 TinyArch = Literal["deepseek_v3", "deepseek_v3_mtp", "qwen3_moe", "mixtral", "dense"]
@@ -138,21 +139,33 @@ _COMMON: dict[str, Any] = dict(
 )
 
 
-def _deepseek_v3_config(num_layers: int) -> PretrainedConfig:
+def deepseek_v3_config(
+    num_layers: int,
+    *,
+    vocab_size: int = VOCAB_SIZE,
+    max_position_embeddings: int = MAX_POSITION_EMBEDDINGS,
+    num_heads: int = 4,
+    v_head_dim: int = 64,
+    kv_lora_rank: int = 512,
+) -> PretrainedConfig:
+    """DeepSeek-V3 in miniature with ``num_layers`` decoder layers: layer 0 dense, the
+    others MoE (16 routed experts in 4 groups, top-4 of the 2 best groups, sigmoid
+    scores, ``noaux_tc``, 1 shared expert). The keywords are the sizes in which the tiny
+    models (the defaults) and the trained one (``tools/accuracy/train.py``) differ."""
     from transformers import DeepseekV3Config
 
     config = DeepseekV3Config(
-        **_COMMON,
+        **{**_COMMON, "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings},
         num_hidden_layers=num_layers,
         intermediate_size=256,  # the dense layer 0
         moe_intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
         q_lora_rank=96,
-        kv_lora_rank=512,  # 512 + 64 = 576, the only size CPU MLA supports
+        kv_lora_rank=kv_lora_rank,  # 512 + 64 = 576, the only size CPU MLA supports
         qk_rope_head_dim=64,
         qk_nope_head_dim=32,
-        v_head_dim=64,
+        v_head_dim=v_head_dim,
         n_routed_experts=16,
         n_shared_experts=1,
         num_experts_per_tok=4,
@@ -162,7 +175,7 @@ def _deepseek_v3_config(num_layers: int) -> PretrainedConfig:
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
     )
-    config.topk_method = "noaux_tc"
+    config.topk_method = "noaux_tc"  # vLLM builds e_score_correction_bias only with this
     config.scoring_func = "sigmoid"
     return config
 
@@ -227,10 +240,10 @@ class _ArchSpec:
 
 
 _ARCH_SPECS: dict[str, _ArchSpec] = {
-    "deepseek_v3": _ArchSpec("DeepseekV3ForCausalLM", _deepseek_v3_config, 3, num_mtp_layers=1),
+    "deepseek_v3": _ArchSpec("DeepseekV3ForCausalLM", deepseek_v3_config, 3, num_mtp_layers=1),
     "deepseek_v3_mtp": _ArchSpec(
         "DeepseekV3ForCausalLM",
-        _deepseek_v3_config,
+        deepseek_v3_config,
         3,
         num_mtp_layers=1,
         edit_weights=lambda tensors, num_layers: _make_mtp_friendly(tensors, num_layers),
@@ -393,7 +406,6 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
 
     ``<|endoftext|>`` = 0, ``<|pad|>`` = 1."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -411,14 +423,24 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
             f"the built-in corpus gives {tok.get_vocab_size()} BPE tokens, "
             f"not the requested {vocab_size}"
         )
+    return wrap_tokenizer(
+        tok, MAX_POSITION_EMBEDDINGS, bos_token=EOS_TOKEN, chat_template=CHAT_TEMPLATE
+    )
+
+
+def wrap_tokenizer(tok: Tokenizer, model_max_length: int, **kwargs: Any) -> PreTrainedTokenizerFast:
+    """``tok`` as a transformers tokenizer with the project's special tokens: end of text
+    ``<|endoftext|>`` (id 0) and ``<|pad|>`` (id 1), which ``tok`` must have. ``kwargs``
+    go to ``PreTrainedTokenizerFast`` (``bos_token``, ``chat_template``, ...)."""
+    from transformers import PreTrainedTokenizerFast
+
     assert tok.token_to_id(EOS_TOKEN) == EOS_TOKEN_ID and tok.token_to_id(PAD_TOKEN) == PAD_TOKEN_ID
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=MAX_POSITION_EMBEDDINGS,
+        model_max_length=model_max_length,
+        **kwargs,
     )
 
 

@@ -1,6 +1,6 @@
 """On a GPU: the `capacity` exchange (routing, packing, NCCL all_to_all_single, unpacking,
 combine and the traffic counters) is captured in a CUDA graph and replayed on new inputs,
-which only works without host syncs; the `a2a` exchange cannot be captured. One NCCL rank
+which only works without host syncs; the `alltoall` exchange cannot be captured. One NCCL rank
 (one GPU: the rank's block to itself goes through NCCL all the same)."""
 
 import datetime
@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from vllm_wideep.comm.registry import make_dispatcher
-from vllm_wideep.plugin.config import WideEPConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -60,11 +59,12 @@ def _reference(x, ids, weights, w):
     return (y * (weights.double() * (ids >= 0)).unsqueeze(-1)).sum(1)
 
 
-def _dispatcher(group, **options):
+def _dispatcher(group, token_exchange="capacity", **options):
     return make_dispatcher(
-        WideEPConfig(enabled=True, **options),
+        token_exchange,
+        **options,
         group=group,
-        experts_per_rank=EXPERTS,
+        slots_per_rank=EXPERTS,
         num_ranks=1,
         max_tokens_per_rank=TOKENS,
     )
@@ -73,7 +73,7 @@ def _dispatcher(group, **options):
 @pytest.mark.parametrize("dispatch_dtype", ["auto", "fp8"])
 def test_capacity_layer_is_captured_and_replayed(nccl_group, dispatch_dtype):
     w = torch.randn(EXPERTS, HIDDEN, HIDDEN, device="cuda") / HIDDEN**0.5
-    dispatcher = _dispatcher(nccl_group, a2a_backend="capacity", dispatch_dtype=dispatch_dtype)
+    dispatcher = _dispatcher(nccl_group, token_exchange="capacity", dispatch_dtype=dispatch_dtype)
     x, ids, weights = _inputs(0)
 
     def layer():
@@ -105,7 +105,7 @@ def test_capacity_layer_is_captured_and_replayed(nccl_group, dispatch_dtype):
 def test_capacity_second_round_over_nccl(nccl_group):
     """capacity 16 < 64 rows: eager, the rows beyond it take the second round."""
     w = torch.randn(EXPERTS, HIDDEN, HIDDEN, device="cuda") / HIDDEN**0.5
-    dispatcher = _dispatcher(nccl_group, a2a_backend="capacity", capacity_tokens=16)
+    dispatcher = _dispatcher(nccl_group, token_exchange="capacity", capacity_tokens=16)
     x, ids, weights = _inputs(2)
     received = dispatcher.dispatch(x, ids, weights)
     out = dispatcher.combine(_experts(received, w), received.handle)
@@ -117,7 +117,7 @@ def test_capacity_second_round_over_nccl(nccl_group):
 def test_a2a_cannot_be_captured(nccl_group):
     """Last in this module: a failed capture may leave the NCCL communicator unusable."""
     w = torch.randn(EXPERTS, HIDDEN, HIDDEN, device="cuda") / HIDDEN**0.5
-    dispatcher = _dispatcher(nccl_group, a2a_backend="a2a")
+    dispatcher = _dispatcher(nccl_group, token_exchange="alltoall")
     x, ids, weights = _inputs(3)
     received = dispatcher.dispatch(x, ids, weights)  # eager works
     dispatcher.combine(_experts(received, w), received.handle)

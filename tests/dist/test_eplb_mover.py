@@ -9,15 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vllm_wideep.testing.ranks import run_ranks
+from tools.ranks import run_ranks
 from vllm_wideep.eplb import mover
 from vllm_wideep.eplb.balancer import Balancer
 from vllm_wideep.eplb.mover import apply_moves, begin_moves, finish_moves, plan_moves
 from vllm_wideep.eplb.policy import plan_placement
 from vllm_wideep.eplb.traces import zipf_load
-from vllm_wideep.layer.remap import ExpertRouting
-from vllm_wideep.layer.slots import ExpertSlots, home_placement
-from vllm_wideep.plugin.config import WideEPConfig
+from vllm_wideep.eplb.location import ExpertSlots, home_placement
+from vllm_wideep.config import WideEPConfig
 
 NUM_EXPERTS = 8
 
@@ -76,19 +75,11 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
     home = home_placement(NUM_EXPERTS, world_size, slots_per_rank)
     layers = []
     for layer in range(2):
-        routing = ExpertRouting(NUM_EXPERTS, NUM_EXPERTS, rank, "cpu")
-        slots = ExpertSlots(
-            layer_name=f"layers.{layer}",
-            num_experts=NUM_EXPERTS,
-            num_ranks=world_size,
-            rank=rank,
-            slots_per_rank=slots_per_rank,
-            weights=_tagged(home[mine], layer, torch.bfloat16),
-            physical_to_logical=home,
-            routing=routing,
-            step_counts=torch.zeros(NUM_EXPERTS, dtype=torch.int64),
+        weights = _tagged(home[mine], layer, torch.bfloat16)
+        slots = ExpertSlots.create(
+            f"layers.{layer}", weights, NUM_EXPERTS, world_size, rank, routed=True
         )
-        slots.set_placement(home)
+        assert torch.equal(slots.physical_to_logical, home)
         layers.append(slots)
     config = WideEPConfig(
         enabled=True,

@@ -1,6 +1,6 @@
 """Start vLLM in child process groups on 127.0.0.1 and always clean them up.
 
-The launcher lives in `vllm_wideep.testing.launch` (`make eval` uses it too); this module
+The launcher lives in `tools.launch` (`make eval` uses it too); this module
 adds `generate`, which runs tests/e2e/generate.py.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from vllm_wideep.testing.launch import (
+from tools.launch import (
     REPO,
     VENV_BIN,
     Server,

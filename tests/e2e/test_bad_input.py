@@ -69,7 +69,7 @@ def test_unknown_wideep_flag_lists_the_valid_ones(tiny_model):
     assert code == 2, output[-3000:]
     assert "unrecognized arguments: --wideep-bogus" in output, output[-3000:]
     assert (
-        "valid wide-EP flags are --enable-wideep, --wideep-a2a-backend, "
+        "valid wide-EP flags are --enable-wideep, --wideep-token-exchange, "
         "--wideep-experts-backend" in output
     ), output[-3000:]
 
@@ -88,8 +88,10 @@ def engine_config(monkeypatch):
     def build(model: str, **kwargs):
         from vllm.engine.arg_utils import EngineArgs
 
+        from vllm_wideep.plugin.hooks import is_wrapped
+
         engine_args = EngineArgs(model=model, enforce_eager=True, **kwargs)
-        assert getattr(EngineArgs, "_vllm_wideep_engine_patched", False), "plugin not loaded"
+        assert is_wrapped(EngineArgs, "create_engine_config"), "plugin not loaded"
         return engine_args.create_engine_config()
 
     yield build
@@ -132,10 +134,10 @@ def test_check_model_accepts_a_dividing_ep_size(engine_config, tiny_model):
 
 
 def test_ill_typed_option_names_it_and_its_choices(engine_config, tiny_model):
-    bad = {"wideep": {"enabled": True, "a2a_backend": "x"}}
+    bad = {"wideep": {"enabled": True, "token_exchange": "x"}}
     with pytest.raises(
         ValueError,
-        match=r"'a2a_backend' must be one of \['a2a', 'capacity', 'allgather'\], got 'x'",
+        match=r"'token_exchange' must be one of \['alltoall', 'capacity', 'allgather'\], got 'x'",
     ):
         engine_config(tiny_model("mixtral"), additional_config=bad)
 

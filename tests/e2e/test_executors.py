@@ -1,6 +1,6 @@
 """Wide EP under vLLM's Ray executor, on a local two-node Ray cluster on 127.0.0.1 (a head
 and one worker node, `tests/e2e/ray_generate.py`): EP 2 through TP 2 on the tiny
-Qwen3-MoE (float32, `a2a`), greedy parity with stock vLLM at TP 1 (the session's `stock`
+Qwen3-MoE (float32, `alltoall`), greedy parity with stock vLLM at TP 1 (the session's `stock`
 reference, tests/e2e/reference.py). The multiprocessing executor, with every
 token-exchange backend, is `test_parity.py`'s TP 2 cases.
 """
@@ -34,7 +34,7 @@ def ray_a2a(tiny_model):
         "dtype": "float32",
         "tensor_parallel_size": 2,
         "distributed_executor_backend": "ray",
-        "additional_config": {"wideep": {"enabled": True, "a2a_backend": "a2a"}},
+        "additional_config": {"wideep": {"enabled": True, "token_exchange": "alltoall"}},
     }
     ray_spec = spec([run])
     env = e2e_env(num_ranks=2, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")

@@ -44,8 +44,8 @@ WIDEEP_REBALANCING = {
 # at EP 1 and through DP 2 (the server cases), where attention is not split.
 TP2_CASES = [(arch, "float32") for arch in ARCHES]
 # The token exchange of each TP 2 case: every backend runs once (the backends do not
-# depend on the model; the DP 2 server cases run the default `a2a` on the other models).
-TP2_BACKEND = {"qwen3_moe": "a2a", "deepseek_v3": "capacity", "mixtral": "allgather"}
+# depend on the model; the DP 2 server cases run the default `alltoall` on the other models).
+TP2_BACKEND = {"qwen3_moe": "alltoall", "deepseek_v3": "capacity", "mixtral": "allgather"}
 
 
 def _experts_used_on_every_rank(stats: list[dict], num_ranks: int) -> None:
@@ -83,7 +83,7 @@ def tp2(tiny_model):
             "tensor_parallel_size": 2,
             "distributed_executor_backend": "mp",
             "additional_config": {
-                "wideep": {**WIDEEP_REBALANCING["wideep"], "a2a_backend": TP2_BACKEND[arch]}
+                "wideep": {**WIDEEP_REBALANCING["wideep"], "token_exchange": TP2_BACKEND[arch]}
             },
         }
         for arch, dtype in TP2_CASES
@@ -124,7 +124,8 @@ def test_capacity_moves_padded_blocks(tp2):
     """The `capacity` exchange with its default (worst-case) capacity sends a full block
     per peer on every call: more bytes per call than `allgather`'s rows on the same
     prompts and hidden size. Per call, because two engines need not make the same number
-    of MoE calls. (`a2a` against `allgather`, byte for byte: tests/dist/test_a2a_dispatch.py.)"""
+    of MoE calls. (`alltoall` against `allgather`, byte for byte:
+    tests/dist/test_token_exchange.py.)"""
     by_backend = {TP2_BACKEND[arch]: _traffic(tp2[(arch, dtype)]) for arch, dtype in TP2_CASES}
     capacity, allgather = by_backend["capacity"], by_backend["allgather"]
     for key in ("dispatch_sent_bytes", "combine_sent_bytes"):

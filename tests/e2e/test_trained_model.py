@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.e2e.launch import REPO, Server, e2e_env
-from vllm_wideep.accuracy.tasks import DATA_DIR, KINDS
+from tools.accuracy.tasks import DATA_DIR, KINDS
 
 MODEL = REPO / "models" / "tiny-dsv3-tasks"
 ITEMS_PER_KIND = 5
@@ -38,5 +38,5 @@ def test_stock_vllm_answers_held_out_items() -> None:
         )
     answers = [c["text"] for c in sorted(reply["choices"], key=lambda c: c["index"])]
     right = [a == row["answer"] for a, row in zip(answers, rows, strict=True)]
-    # The model scores >= 90 % on every task (README); allow 2 misses in 20.
+    # The model scores >= 90 % on every task (docs/accuracy.md); allow 2 misses in 20.
     assert sum(right) >= len(rows) - 2, list(zip(answers, rows, strict=True))

@@ -162,36 +162,41 @@ def test_torch_backend_dropped_rows_are_zero(gemm, monkeypatch, request):
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_torch_backend_sees_in_place_weight_writes(gemm, monkeypatch, request):
-    """The CPU backend caches transformed weights (an fp32 copy of bf16 weights, vLLM's
-    prepacked layout); an in-place slot write (what the EPLB mover does, through a .detach()
-    view) must reach the next call."""
+def test_torch_backend_weight_cache_until_cleared(gemm, monkeypatch, request):
+    """The CPU backend keeps transformed weights (an fp32 copy of bf16 weights, vLLM's
+    prepacked layout) in the caller's cache: reused until the owner clears it, and after
+    `clear()` an in-place slot write (what an EPLB move commits) reaches the next call."""
     x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(12, 64, 64, 4, 2, torch.bfloat16)]
     force_path(gemm, monkeypatch, request, x, w13, w2)
+    cache = torch_experts.WeightCache()
     ids[:, 0] = 1  # every token uses slot 1, the one rewritten below
-    assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
+    before = moe_experts(x, w13, w2, weights, ids, backend="torch", cache=cache)
+    assert_close(before, x, w13, w2, weights, ids)
     _, new_w13, new_w2, _, _ = make_inputs(12, 64, 64, 4, 2, torch.bfloat16, seed=9)
-    version = w13._version
-    for w, new in ((w13.detach(), new_w13), (w2.detach(), new_w2)):
-        w[1].copy_(new[1])  # as apply_moves commits a slot
-    assert w13._version > version
-    assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
-    w13.mul_(-1)  # a whole-tensor write too
+    for w, new in ((w13, new_w13), (w2, new_w2)):
+        w[1].copy_(new[1])  # as a move commits a slot
+    if len(cache):  # a path that keeps copies computes with them until cleared
+        stale = moe_experts(x, w13, w2, weights, ids, backend="torch", cache=cache)
+        assert torch.equal(stale, before)
+    cache.clear()
+    after = moe_experts(x, w13, w2, weights, ids, backend="torch", cache=cache)
+    assert_close(after, x, w13, w2, weights, ids)
     assert_close(moe_experts(x, w13, w2, weights, ids, backend="torch"), x, w13, w2, weights, ids)
 
 
 def test_torch_backend_weight_cache_is_bounded():
     """One cached copy per live weight tensor and transform; a freed tensor's entries go
     with it."""
+    cache = torch_experts.WeightCache()
     w = torch.randn(4, 8, 8).to(torch.bfloat16)
-    first = torch_experts._upcast(w, torch.float32)
-    assert torch_experts._upcast(w, torch.float32) is first
-    half = torch_experts._upcast(w, torch.float16)  # another transform, its own entry
-    assert half.dtype == torch.float16 and torch_experts._upcast(w, torch.float32) is first
-    assert torch_experts._upcast(w.detach(), torch.float32) is not first  # another object
-    ptr = w.data_ptr()
+    first = torch_experts._upcast(w, torch.float32, cache)
+    assert torch_experts._upcast(w, torch.float32, cache) is first
+    half = torch_experts._upcast(w, torch.float16, cache)  # another transform, its own entry
+    assert half.dtype == torch.float16 and torch_experts._upcast(w, torch.float32, cache) is first
+    assert torch_experts._upcast(w.detach(), torch.float32, cache) is not first  # another object
+    assert len(cache) == 2  # the .detach() view is gone already: its entry went with it
     del w
-    assert all(key[0] != ptr for key in torch_experts._WEIGHT_CACHE)
+    assert len(cache) == 0
 
 
 def test_public_entry_point_auto_backend():

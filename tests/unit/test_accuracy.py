@@ -13,8 +13,8 @@ pytest.importorskip("transformers")
 
 from safetensors import safe_open  # noqa: E402
 
-from vllm_wideep.accuracy import eval as acc_eval  # noqa: E402
-from vllm_wideep.accuracy.tasks import (  # noqa: E402
+from tools.accuracy import eval as acc_eval  # noqa: E402
+from tools.accuracy.tasks import (  # noqa: E402
     DATA_DIR,
     EVAL_ITEMS_PER_TASK,
     KINDS,
@@ -26,7 +26,7 @@ from vllm_wideep.accuracy.tasks import (  # noqa: E402
     task_data,
     training_items,
 )
-from vllm_wideep.accuracy.train import (  # noqa: E402
+from tools.accuracy.train import (  # noqa: E402
     KV_LORA_RANK,
     NUM_LAYERS,
     TRAIN_KV_LORA_RANK,
@@ -37,6 +37,7 @@ from vllm_wideep.accuracy.train import (  # noqa: E402
     encode,
     export_model,
     make_batch,
+    model_config,
     train_and_save,
 )
 
@@ -154,6 +155,32 @@ def test_tokenizer_is_one_token_per_character(tmp_path: Path) -> None:
     assert tok(text)["input_ids"] == encode(text)
     assert tok.decode(encode(text)) == text
     assert len(tok) == len(VOCAB) and tok.eos_token_id == 0 and tok.pad_token_id == 1
+
+
+COMMITTED_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-dsv3-tasks"
+# What the model computes; not what `save_pretrained` adds (versions, dtype, class).
+ARCHITECTURE_FIELDS = (
+    *("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"),
+    *("intermediate_size", "moe_intermediate_size", "hidden_act", "rms_norm_eps"),
+    *("num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank"),
+    *("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "tie_word_embeddings"),
+    *("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace"),
+    *("n_group", "topk_group", "topk_method", "scoring_func", "routed_scaling_factor"),
+    *("norm_topk_prob", "bos_token_id", "eos_token_id", "pad_token_id"),
+)
+
+
+def test_model_config_is_the_committed_models() -> None:
+    committed = json.loads((COMMITTED_MODEL / "config.json").read_text())
+    config = model_config().to_dict()
+    assert config["num_hidden_layers"] == NUM_LAYERS and config["kv_lora_rank"] == KV_LORA_RANK
+    assert committed["num_nextn_predict_layers"] == 1
+    drift = {
+        k: (config.get(k), committed.get(k, "missing"))
+        for k in ARCHITECTURE_FIELDS
+        if k not in committed or config.get(k) != committed[k]
+    }
+    assert drift == {}
 
 
 def test_wider_latent_computes_the_same() -> None:

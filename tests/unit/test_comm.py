@@ -8,7 +8,7 @@ from vllm_wideep.comm.base import TRAFFIC_FIELDS, TrafficCounters
 from vllm_wideep.comm.capacity import capacity_rows
 from vllm_wideep.comm.packing import RowFormat
 from vllm_wideep.comm.routing import plan_routes
-from vllm_wideep.plugin.config import WideEPConfig
+from vllm_wideep.config import WideEPConfig
 from vllm_wideep.plugin.engine import cuda_graph_policy
 
 
@@ -91,10 +91,10 @@ def test_traffic_counters_add_on_device():
 
 
 @pytest.mark.parametrize(
-    "backend, keep", [("capacity", True), ("a2a", False), ("allgather", False)]
+    "backend, keep", [("capacity", True), ("alltoall", False), ("allgather", False)]
 )
 def test_cuda_graph_policy(backend, keep):
-    kept, why = cuda_graph_policy(WideEPConfig(enabled=True, a2a_backend=backend))
+    kept, why = cuda_graph_policy(WideEPConfig(enabled=True, token_exchange=backend))
     assert kept is keep
     assert backend in why
 

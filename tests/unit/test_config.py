@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_wideep.plugin.cli import add_wideep_args, flag_for, fold_cli_args
-from vllm_wideep.plugin.config import WideEPConfig
+from vllm_wideep.config import WideEPConfig, flag_for
+from vllm_wideep.plugin.cli import add_wideep_args, fold_cli_args
 
 
 def test_defaults_are_disabled():
@@ -16,7 +16,7 @@ def test_defaults_are_disabled():
 
 
 def test_unknown_option_names_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\].*a2a_backend"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\].*token_exchange"):
         WideEPConfig.from_additional_config({"wideep": {"enabled": True, "bogus": 1}})
 
 
@@ -25,8 +25,8 @@ def test_unknown_option_names_valid_ones():
     [
         ({"enabled": "yes"}, "'enabled' must be true or false"),
         (
-            {"a2a_backend": "nccl"},
-            r"'a2a_backend' must be one of \['a2a', 'capacity', 'allgather'\]",
+            {"token_exchange": "nccl"},
+            r"'token_exchange' must be one of \['alltoall', 'capacity', 'allgather'\]",
         ),
         ({"experts_backend": 3}, r"'experts_backend' must be one of \['auto', 'triton'"),
     ],
@@ -48,10 +48,10 @@ def _parse(argv):
 
 def test_flags_fold_into_additional_config():
     args = _parse(["--enable-wideep", "--wideep-experts-backend", "torch"])
-    folded = fold_cli_args(args, {"x": 1, "wideep": {"a2a_backend": "a2a"}})
+    folded = fold_cli_args(args, {"x": 1, "wideep": {"token_exchange": "alltoall"}})
     assert folded == {
         "x": 1,
-        "wideep": {"a2a_backend": "a2a", "enabled": True, "experts_backend": "torch"},
+        "wideep": {"token_exchange": "alltoall", "enabled": True, "experts_backend": "torch"},
     }
 
 
@@ -62,9 +62,9 @@ def test_no_flag_leaves_additional_config_alone():
 
 def test_flag_choices_come_from_the_config():
     with pytest.raises(SystemExit):
-        _parse(["--wideep-a2a-backend", "bogus"])
+        _parse(["--wideep-token-exchange", "bogus"])
     assert flag_for("enabled") == "--enable-wideep"
-    assert flag_for("a2a_backend") == "--wideep-a2a-backend"
+    assert flag_for("token_exchange") == "--wideep-token-exchange"
 
 
 def test_llm_keywords_fold_and_validate():

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from vllm_wideep.config import WideEPConfig
 from vllm_wideep.eplb import plan_placement
 from vllm_wideep.eplb.cli import main as eplb_main
 from vllm_wideep.eplb.cli import record_from_replies
@@ -21,13 +22,11 @@ from vllm_wideep.eplb.files import (
     write_load,
     write_placement,
 )
+from vllm_wideep.eplb.location import ExpertRouting, home_placement, routing_tables
 from vllm_wideep.eplb.mover import plan_moves, slot_checksum
 from vllm_wideep.eplb.placement import Placement
 from vllm_wideep.eplb.stats import LoadWindow, record
 from vllm_wideep.eplb.traces import zipf_load
-from vllm_wideep.layer.remap import ExpertRouting, routing_tables
-from vllm_wideep.layer.slots import home_placement
-from vllm_wideep.plugin.config import WideEPConfig
 from vllm_wideep.plugin.engine import resolve_balancing
 
 MODEL = ModelIdentity("Qwen3MoeForCausalLM", num_experts=16, hidden_size=128)

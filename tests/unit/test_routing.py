@@ -49,6 +49,6 @@ def test_plan_matches_loop(num_tokens, num_ranks, experts_per_rank, top_k):
 
 def test_token_sent_once_per_rank_even_with_all_choices_there():
     topk_ids = torch.tensor([[0, 1, 2, 3]])  # all four on rank 0 of 2
-    plan = plan_routes(topk_ids, torch.ones(1, 4), experts_per_rank=4, num_ranks=2)
+    plan = plan_routes(topk_ids, torch.ones(1, 4), slots_per_rank=4, num_ranks=2)
     assert plan.send_counts.tolist() == [1, 0]
     assert plan.local_ids.tolist() == [[0, 1, 2, 3]]

@@ -4,7 +4,7 @@ Each rank receives all tokens of the EP group with their global slot ids turned 
 own local slots (`-1` elsewhere), runs its experts on them, and sends every row's partial
 sum back to the token's rank, which adds the R partial sums. This is what vLLM's
 `allgather_reducescatter` all2all backend moves, and the baseline of the traffic ratios:
-dispatch and combine each move R - 1 rows per token to other ranks, where `a2a` moves one
+dispatch and combine each move R - 1 rows per token to other ranks, where `alltoall` moves one
 per distinct remote rank among the token's top-k.
 
 Both directions run as `all_to_all_single` with the row counts exchanged first (a host
@@ -24,8 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_wideep.comm.a2a import Exchange, exchange_rows, exchange_traffic, return_rows
-from vllm_wideep.comm.base import Dispatcher, DispatchResult, TrafficCounters
+from vllm_wideep.comm.base import Dispatcher, DispatchResult
+from vllm_wideep.comm.exchange import (
+    Exchange,
+    combine_traffic,
+    dispatch_traffic,
+    exchange_rows,
+    return_rows,
+)
 from vllm_wideep.comm.packing import RowFormat
 
 
@@ -42,11 +48,11 @@ class AllGatherDispatcher(Dispatcher):
         rows = fmt.pack(hidden_states, topk_ids.to(torch.int32), topk_weights)
         send_counts = torch.full((self.num_ranks,), num_tokens, dtype=torch.int64, device=device)
         recv, exchange = exchange_rows(rows.repeat(self.num_ranks, 1), send_counts, self.group)
-        self.traffic.add(exchange_traffic(exchange, self.rank, self.num_ranks, fmt.nbytes, device))
+        self.traffic.add(dispatch_traffic(exchange, self.rank, self.num_ranks, fmt.nbytes, device))
 
         hidden, global_ids, weights = fmt.unpack(recv)
-        first = self.rank * self.experts_per_rank
-        mine = (global_ids >= first) & (global_ids < first + self.experts_per_rank)
+        first = self.rank * self.slots_per_rank
+        mine = (global_ids >= first) & (global_ids < first + self.slots_per_rank)
         return DispatchResult(
             hidden_states=hidden,
             topk_ids=torch.where(mine, global_ids - first, -1).to(torch.int32),
@@ -56,15 +62,6 @@ class AllGatherDispatcher(Dispatcher):
 
     def combine(self, expert_output, handle: _AllGatherHandle) -> torch.Tensor:
         returned = return_rows(expert_output, handle.exchange, self.group)  # [R * M, H]
-        received, sent = handle.exchange.remote(self.rank)
-        row_bytes = expert_output.shape[1] * expert_output.element_size()
-        self.traffic.add(
-            TrafficCounters.increment(
-                expert_output.device,
-                calls=1,
-                combine_sent_bytes=sent * row_bytes,
-                combine_recv_bytes=received * row_bytes,
-            )
-        )
+        self.traffic.add(combine_traffic(handle.exchange, self.rank, expert_output, calls=1))
         partial = returned.float().view(self.num_ranks, handle.num_tokens, expert_output.shape[1])
         return partial.sum(dim=0)

@@ -3,8 +3,9 @@
 dispatch: rows of this rank's tokens -> rows this rank's experts must compute
 combine:  those rows' expert outputs -> one summed output row per source token
 
-Backends (`registry.DISPATCHERS`, chosen by `--wideep-a2a-backend`):
-    a2a        comm/a2a.py        variable-size all_to_all_single, one row per (token, rank)
+Backends (`registry.DISPATCHERS`, chosen by `--wideep-token-exchange`), built from the
+primitives in `exchange.py`:
+    alltoall   comm/alltoall.py   variable-size all_to_all_single, one row per (token, rank)
     capacity   comm/capacity.py   fixed-size per-peer buffers, no host sync (CUDA graphs)
     allgather  comm/allgather.py  every token to every rank, reduce-scatter back (reference)
 """
@@ -17,17 +18,17 @@ from typing import Any
 
 import torch
 
-from vllm_wideep.comm.packing import DispatchDtype
+from vllm_wideep.config import DispatchDtype
 
 
 @dataclass(frozen=True)
 class DispatchResult:
     """What a rank's experts receive.
 
-    hidden_states: `[R, H]` activation dtype, one row per (source token, this rank);
+    hidden_states: `[M_recv, H]` activation dtype, one row per (source token, this rank);
         backends with fixed-size buffers also hand over padding rows (all ids `-1`).
-    topk_ids: `[R, k]` int32 local expert slots, `-1` = the choice is on another rank.
-    topk_weights: `[R, k]` float32 router weights, `0` where `topk_ids` is `-1`.
+    topk_ids: `[M_recv, k]` int32 local slots, `-1` = the choice is on another rank.
+    topk_weights: `[M_recv, k]` float32 router weights, `0` where `topk_ids` is `-1`.
     handle: backend state that `combine` needs to send results back.
     """
 
@@ -97,7 +98,7 @@ class Dispatcher(ABC):
     of times, also with zero tokens: both are collectives.
 
     Constructor keywords shared by every backend: `group` (the EP process group),
-    `experts_per_rank` (slots per rank), `num_ranks` (EP size), `dispatch_dtype`
+    `slots_per_rank` (slots per rank), `num_ranks` (EP size), `dispatch_dtype`
     (`"auto"` = the activation dtype, `"fp8"` = per-token scaled float8 e4m3).
     """
 
@@ -105,14 +106,14 @@ class Dispatcher(ABC):
         self,
         *,
         group,
-        experts_per_rank: int,
+        slots_per_rank: int,
         num_ranks: int,
         dispatch_dtype: DispatchDtype = "auto",
     ):
         import torch.distributed as dist
 
         self.group = group
-        self.experts_per_rank = experts_per_rank
+        self.slots_per_rank = slots_per_rank
         self.num_ranks = num_ranks
         self.rank = dist.get_rank(group)
         self.dispatch_dtype = dispatch_dtype
@@ -130,5 +131,5 @@ class Dispatcher(ABC):
 
     @abstractmethod
     def combine(self, expert_output: torch.Tensor, handle: Any) -> torch.Tensor:
-        """expert_output `[R, H]` (each row already weighted and summed over this
+        """expert_output `[M_recv, H]` (each row already weighted and summed over this
         rank's experts) -> `[M, H]` float32, summed over ranks per source token."""

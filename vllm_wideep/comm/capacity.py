@@ -26,7 +26,7 @@ receives at most that many from it:
   Outside capture (eager batches larger than the graph sizes), the host reads the
   overflow counts that arrived in the headers (one sync per layer, the same value on
   every rank) and, when any rank overflowed, all ranks run a second, variable-size round
-  (the `a2a` exchange) for the rows beyond C. No row is ever dropped; each one that took
+  (the `alltoall` exchange) for the rows beyond C. No row is ever dropped; each one that took
   the second round adds to `overflow_rows`.
 """
 
@@ -37,10 +37,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from vllm_wideep.comm.a2a import Exchange, exchange_rows, exchange_traffic, return_rows
 from vllm_wideep.comm.base import Dispatcher, DispatchResult, TrafficCounters
-from vllm_wideep.comm.packing import DispatchDtype, RowFormat
+from vllm_wideep.comm.exchange import (
+    Exchange,
+    combine_traffic,
+    dispatch_traffic,
+    exchange_rows,
+    return_rows,
+)
+from vllm_wideep.comm.packing import RowFormat
 from vllm_wideep.comm.routing import plan_routes
+from vllm_wideep.config import DispatchDtype
 
 HEADER_BYTES = 16  # int64 rows used in the block, int64 sender's overflow rows
 
@@ -87,7 +94,7 @@ class CapacityDispatcher(Dispatcher):
         self,
         *,
         group,
-        experts_per_rank: int,
+        slots_per_rank: int,
         num_ranks: int,
         capacity: int,
         max_tokens_per_rank: int,
@@ -95,7 +102,7 @@ class CapacityDispatcher(Dispatcher):
     ):
         super().__init__(
             group=group,
-            experts_per_rank=experts_per_rank,
+            slots_per_rank=slots_per_rank,
             num_ranks=num_ranks,
             dispatch_dtype=dispatch_dtype,
         )
@@ -129,7 +136,7 @@ class CapacityDispatcher(Dispatcher):
         plan = plan_routes(
             topk_ids,
             topk_weights,
-            self.experts_per_rank,
+            self.slots_per_rank,
             R,
             max_pairs=num_tokens * min(top_k, R),
         )
@@ -176,7 +183,7 @@ class CapacityDispatcher(Dispatcher):
             pairs = overflow.nonzero().squeeze(1)  # still sorted by destination rank
             counts = torch.bincount(plan.dest_rank[pairs], minlength=R)
             recv2, exchange = exchange_rows(packed[pairs], counts, self.group)
-            self.traffic.add(exchange_traffic(exchange, self.rank, R, fmt.nbytes, device))
+            self.traffic.add(dispatch_traffic(exchange, self.rank, R, fmt.nbytes, device))
             hidden2, ids2, weights2 = fmt.unpack(recv2)
             hidden = torch.cat([hidden, hidden2])
             ids = torch.cat([ids, ids2])
@@ -207,14 +214,6 @@ class CapacityDispatcher(Dispatcher):
         if handle.second is not None:
             exchange = handle.second.exchange
             rows = return_rows(expert_output[R * C :], exchange, self.group)
-            received, sent = exchange.remote(self.rank)
-            row_bytes = hidden_dim * expert_output.element_size()
-            self.traffic.add(
-                TrafficCounters.increment(
-                    device,
-                    combine_sent_bytes=sent * row_bytes,
-                    combine_recv_bytes=received * row_bytes,
-                )
-            )
+            self.traffic.add(combine_traffic(exchange, self.rank, expert_output))
             out.index_add_(0, handle.second.token_index, rows.float())
         return out

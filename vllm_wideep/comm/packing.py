@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_wideep.plugin.config import DispatchDtype
+from vllm_wideep.config import DispatchDtype
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max

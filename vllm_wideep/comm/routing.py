@@ -48,16 +48,16 @@ class RoutePlan:
 def plan_routes(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    experts_per_rank: int,
+    slots_per_rank: int,
     num_ranks: int,
     max_pairs: int | None = None,
 ) -> RoutePlan:
     """Group the tokens' expert choices by owning rank.
 
-    topk_ids: `[M, k]` int, expert (slot) ids in `[0, num_ranks * experts_per_rank)`;
+    topk_ids: `[M, k]` int, expert (slot) ids in `[0, num_ranks * slots_per_rank)`;
         `-1` = no expert (the choice is dropped).
     topk_weights: `[M, k]` float, router weights.
-    Rank r owns slots `r * experts_per_rank ... (r + 1) * experts_per_rank - 1`.
+    Rank r owns slots `r * slots_per_rank ... (r + 1) * slots_per_rank - 1`.
     max_pairs: None = exactly the P pairs (the length depends on the data: a host sync
         on GPU); an int >= P, e.g. `M * min(k, num_ranks)` = every token to every rank
         it can reach = fixed length, padded.
@@ -65,7 +65,7 @@ def plan_routes(
     num_tokens = topk_ids.shape[0]
     valid = topk_ids >= 0
     # Dropped choices point at an extra column that is cut off below.
-    owner = torch.where(valid, topk_ids // experts_per_rank, num_ranks).long()  # [M, k]
+    owner = torch.where(valid, topk_ids // slots_per_rank, num_ranks).long()  # [M, k]
     hits = torch.zeros(num_tokens, num_ranks + 1, dtype=torch.bool, device=topk_ids.device)
     hits.scatter_(1, owner, True)
     hits = hits[:, :num_ranks]  # hits[m, r]: token m has a choice on rank r
@@ -81,7 +81,7 @@ def plan_routes(
 
     mine = (owner[token_index] == dest_rank[:, None]) & valid[token_index]  # [P, k]
     local_ids = torch.where(
-        mine, topk_ids[token_index] - dest_rank[:, None] * experts_per_rank, -1
+        mine, topk_ids[token_index] - dest_rank[:, None] * slots_per_rank, -1
     ).to(torch.int32)
     weights = torch.where(mine, topk_weights[token_index].float(), 0.0)
     return RoutePlan(token_index, dest_rank, send_counts, local_ids, weights)

@@ -34,12 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from vllm_wideep.config import WideEPConfig
+from vllm_wideep.eplb.location import ExpertSlots
 from vllm_wideep.eplb.mover import MovesInFlight, begin_moves, finish_moves, plan_moves
 from vllm_wideep.eplb.placement import Placement
 from vllm_wideep.eplb.policy import plan_placement
 from vllm_wideep.eplb.stats import LoadWindow
-from vllm_wideep.layer.slots import ExpertSlots
-from vllm_wideep.plugin.config import WideEPConfig
 
 logger = logging.getLogger("vllm_wideep")
 
@@ -211,33 +211,3 @@ def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     if len(ranks) != dist.get_world_size():
         return group
     return dist.new_group(ranks, backend=dist.get_backend(group))
-
-
-# Wide-EP layers register on the worker's `ParallelConfig` (one per engine; vLLM's model
-# runners and EPLB controllers both hold it) as they finish loading, and the balancer is
-# built at the first step, once every model (the drafter too) is loaded.
-_LAYERS_ATTR = "_vllm_wideep_layers"
-_BALANCER_ATTR = "_vllm_wideep_balancer"
-
-
-def register_layer(parallel_config, slots: ExpertSlots, config: WideEPConfig) -> None:
-    layers = getattr(parallel_config, _LAYERS_ATTR, None)
-    if layers is None:
-        layers = []
-        setattr(parallel_config, _LAYERS_ATTR, layers)
-    layers.append((slots, config))
-    setattr(parallel_config, _BALANCER_ATTR, None)
-
-
-def balancer_for(parallel_config) -> Balancer | None:
-    """This engine's balancer, or None if it has no wide-EP layer."""
-    balancer = getattr(parallel_config, _BALANCER_ATTR, None)
-    layers = getattr(parallel_config, _LAYERS_ATTR, None)
-    if balancer is None and layers:
-        from vllm.distributed import get_ep_group
-
-        config = layers[0][1]
-        group = get_ep_group().device_group
-        balancer = Balancer([slots for slots, _ in layers], config, group)
-        setattr(parallel_config, _BALANCER_ATTR, balancer)
-    return balancer

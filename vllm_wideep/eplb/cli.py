@@ -29,9 +29,9 @@ from vllm_wideep.eplb.files import (
     write_load,
     write_placement,
 )
+from vllm_wideep.eplb.location import home_placement
 from vllm_wideep.eplb.placement import Placement
 from vllm_wideep.eplb.policy import plan_placement
-from vllm_wideep.layer.slots import home_placement
 
 
 def record_from_replies(replies: list[dict]) -> LoadRecord:

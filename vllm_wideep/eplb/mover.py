@@ -64,14 +64,6 @@ class MovePlan:
         """Moves into this rank's slots from other ranks' slots (P2P receives)."""
         return [m for m in self.incoming(rank) if self.rank_of(m.src_slot) != rank]
 
-    def outgoing(self, rank: int) -> list[SlotMove]:
-        """Moves from this rank's slots to other ranks, in plan order."""
-        return [
-            m
-            for m in self.moves
-            if self.rank_of(m.src_slot) == rank and self.rank_of(m.dst_slot) != rank
-        ]
-
 
 def plan_moves(old: torch.Tensor, new: torch.Tensor, slots_per_rank: int) -> MovePlan:
     """old, new: `[N]` int64, one layer's physical_to_logical before and after.

@@ -1,16 +1,8 @@
 """Placement: which logical expert sits in each physical slot, and what follows from it.
 
-Glossary (worked example: 256 logical experts, EP 32, one redundant slot per rank):
-    L      MoE layers
-    E      logical experts of the model (256)
-    R      ranks of the EP group (32)
-    S      slots per rank (256 / 32 + 1 = 9)
-    N      physical slots, R * S (288); rank r owns slots r * S ... r * S + S - 1
-    phy2log / physical_to_logical   `[L, N]` int64, the logical expert in each slot
-    log2phy / logical_to_physical   `[L, E, max_replicas]` int64, the slots of each expert,
-                                    ascending, `-1` = padding
-    logcnt / replica_count          `[L, E]` int64, slots holding each expert (>= 1)
-    load   `[L, E]` float, tokens routed to each logical expert in a window
+Symbols as in the package glossary (`vllm_wideep/__init__.py`): L layers, E logical
+experts, R ranks, S slots per rank, N = R * S slots; rank r owns slots r * S ... r * S + S - 1.
+`load` is `[L, E]` float, tokens routed to each logical expert in a window.
 
 The stored form is the minimal one, `physical_to_logical` plus the rank count; every other
 map is derived on access.
@@ -94,11 +86,6 @@ class Placement:
         layer = torch.arange(self.num_layers)[:, None].expand_as(order)
         log2phy[layer, experts, replica] = order
         return log2phy
-
-    @property
-    def rank_of_slot(self) -> torch.Tensor:
-        """`[N]` int64, the rank owning each slot (`slot // S`)."""
-        return torch.arange(self.num_slots) // self.slots_per_rank
 
     def validate(self, num_experts: int, num_ranks: int) -> None:
         """Raise ValueError unless this placement serves E experts over R ranks.

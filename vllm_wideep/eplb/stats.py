@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from vllm_wideep.plugin.config import EplbStats
+from vllm_wideep.config import EplbStats
 
 
-def record(step_counts: torch.Tensor, topk_ids: torch.Tensor) -> None:
-    """Add one batch's choices to a layer's step counts (in place, on the device).
+def record(counts: torch.Tensor, ids: torch.Tensor) -> None:
+    """Count a batch's choices per id (in place, on the device): a layer's step counts
+    per logical expert, or the rows its experts computed per local slot.
 
-    step_counts: `[E]` int64. topk_ids: `[M, k]` logical ids, `-1` = none (not counted).
+    counts: `[E]` (or `[S]`) int64. ids: `[M, k]` ids, `-1` = none (not counted).
     """
-    ids = topk_ids.flatten().long()
-    step_counts.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
+    ids = ids.flatten().long()
+    counts.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
 
 
 class LoadWindow:

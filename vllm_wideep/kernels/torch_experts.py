@@ -18,16 +18,16 @@ The GEMMs run one of two ways, by problem size:
 
 Half-precision experts are multiplied in float32 when the CPU lacks native bf16 matrix
 instructions (AVX2-only x86), where oneDNN's bf16 GEMM is several times slower than
-fp32. The fp32 copy of the weights is made once and cached (``_upcast``): converting them on
-every call cost up to 100x the GEMMs at decode sizes. The cache holds one fp32 copy per
-weight tensor, i.e. twice the bf16 expert memory, and is dropped when the tensor is freed.
+fp32. The fp32 copy of the weights is made once and kept in the caller's ``WeightCache``:
+converting them on every call cost up to 100x the GEMMs at decode sizes. In memory: one fp32
+copy per weight tensor, i.e. twice the bf16 expert memory, until the owner clears it.
 
 Small batches (at most ``VLLM_KERNEL_MAX_ROWS_PER_EXPERT`` pairs per local expert) go to
 vLLM's own fused CPU MoE kernel instead, when vLLM's CPU ops are loaded: it reads the bf16
 weights directly (half the bytes of the fp32 copy) in one op. On AVX2 it was 1.1-23x
 faster than the path above at decode sizes (mostly 2x and up), where this path's op overhead
 and fp32 weight reads dominate. It needs its own prepacked copy of the weights
-(``_prepacked``, same bytes as the weights, cached like ``_upcast``) and has no id for "not
+(``_prepacked``, same bytes as the weights, kept in the same cache) and has no id for "not
 on this rank" (see ``_vllm_fused``).
 """
 
@@ -55,56 +55,60 @@ def _native_half_gemm() -> bool:
     return not is_x86 or torch.cpu._is_avx512_bf16_supported()
 
 
-# (data_ptr, transform) -> (weakref to the source tensor, its _version then, transformed copy)
-_WEIGHT_CACHE: dict[tuple[int, object], tuple[weakref.ref, int, torch.Tensor]] = {}
+class WeightCache:
+    """Transformed copies of expert weights (the fp32 copy of bf16 weights, vLLM's prepacked
+    layout), made on first use and reused until `clear()`.
 
-
-def _cached(w: torch.Tensor, key: object, transform) -> torch.Tensor:
-    """``transform(w)``, cached per weight tensor and ``key`` until ``w`` is written or freed.
-
-    An entry is reused only for the same tensor object (a freed tensor's address can be
-    reused by a new one) at the same ``_version``: every in-place write bumps it, through
-    the tensor itself or any view or ``.detach()`` of it, e.g. the EPLB mover's
-    ``w[slot].copy_(...)``. Writes through ``.data`` get a separate counter and are NOT seen;
-    the wide-EP layer hands the mover ``.detach()`` views for that reason, and after
-    reloading weights call ``clear_weight_cache()``. Inference tensors track no version and
-    are transformed on every call.
+    The owner of the weights keeps one (the wide-EP experts of a MoE layer) and calls
+    `clear()` whenever it writes them: after loading, and after every EPLB move commits.
+    It holds at most one copy per live weight tensor and transform; a freed tensor's entries
+    go with it.
     """
-    if w.is_inference():
-        return transform(w)
-    cache_key = (w.data_ptr(), key)
-    entry = _WEIGHT_CACHE.get(cache_key)
-    if entry is not None and entry[0]() is w and entry[1] == w._version:
-        return entry[2]
-    copy = transform(w.detach())  # no autograd graph kept alive by the cache
-    # The callback drops the entry with its tensor, so the cache stays one copy per live tensor.
-    ref = weakref.ref(w, functools.partial(_forget, cache_key))
-    _WEIGHT_CACHE[cache_key] = (ref, w._version, copy)
-    return copy
+
+    def __init__(self) -> None:
+        # (id of the weight tensor, transform key) -> (weakref to the tensor, its copy)
+        self._entries: dict[tuple[int, object], tuple[weakref.ref, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, w: torch.Tensor, key: object, transform) -> torch.Tensor:
+        """``transform(w)``, made once per tensor object and ``key`` until `clear()`."""
+        cache_key = (id(w), key)
+        entry = self._entries.get(cache_key)
+        if entry is not None and entry[0]() is w:
+            return entry[1]
+        copy = transform(w.detach())  # no autograd graph kept alive by the cache
+        ref = weakref.ref(w, functools.partial(self._forget, cache_key))
+        self._entries[cache_key] = (ref, copy)
+        return copy
+
+    def _forget(self, cache_key: tuple[int, object], ref: weakref.ref) -> None:
+        entry = self._entries.get(cache_key)
+        if entry is not None and entry[0] is ref:  # not a newer tensor's entry at the same id
+            del self._entries[cache_key]
+
+    def clear(self) -> None:
+        """Drop every copy: the weights were written."""
+        self._entries.clear()
 
 
-def _forget(cache_key: tuple[int, object], ref: weakref.ref) -> None:
-    entry = _WEIGHT_CACHE.get(cache_key)
-    if entry is not None and entry[0] is ref:  # not a newer tensor's entry at the same address
-        del _WEIGHT_CACHE[cache_key]
+def _transformed(w: torch.Tensor, key: object, transform, cache: WeightCache | None):
+    return transform(w) if cache is None else cache.get(w, key, transform)
 
 
-def clear_weight_cache() -> None:
-    """Drop every cached copy (after writing weights through ``.data``, e.g. a reload)."""
-    _WEIGHT_CACHE.clear()
+def _upcast(w: torch.Tensor, dtype: torch.dtype, cache: WeightCache | None) -> torch.Tensor:
+    """``w.to(dtype)``, through ``cache`` when given."""
+    return w if w.dtype == dtype else _transformed(w, dtype, lambda t: t.to(dtype), cache)
 
 
-def _upcast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``w.to(dtype)``, cached (see ``_cached``)."""
-    return w if w.dtype == dtype else _cached(w, dtype, lambda t: t.to(dtype))
-
-
-def _prepacked(w: torch.Tensor, isa: str) -> torch.Tensor:
-    """``w`` in the blocked layout of vLLM's fused kernel, cached (see ``_cached``)."""
+def _prepacked(w: torch.Tensor, isa: str, cache: WeightCache | None) -> torch.Tensor:
+    """``w`` in the blocked layout of vLLM's fused kernel, through ``cache`` when given."""
 
     from vllm._custom_ops import cpu_prepack_moe_weight  # loaded: _vllm_isa checked the ops
 
-    return _cached(w, ("vllm_prepack", isa), lambda t: cpu_prepack_moe_weight(t.contiguous(), isa))
+    key = ("vllm_prepack", isa)
+    return _transformed(w, key, lambda t: cpu_prepack_moe_weight(t.contiguous(), isa), cache)
 
 
 def _vllm_isa(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
@@ -133,7 +137,7 @@ def _has_amx() -> bool:  # a CPUID query: once, not per MoE call
     return torch.cpu._is_amx_tile_supported()
 
 
-def _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa: str) -> torch.Tensor:
+def _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa: str, cache) -> torch.Tensor:
     """vLLM's ``cpu_fused_moe``; it reads float32 router weights and int32 ids as contiguous
     buffers and writes every row of ``out``.
 
@@ -154,7 +158,7 @@ def _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa: str) -> tor
     if x.stride() != (H, 1):
         x = torch.empty(M, H, dtype=x.dtype, device=x.device).copy_(x)
     out = torch.empty(M, H, dtype=x.dtype, device=x.device)
-    w13, w2 = _prepacked(w13, isa), _prepacked(w2, isa)
+    w13, w2 = _prepacked(w13, isa, cache), _prepacked(w2, isa, cache)
     # (out, x, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, skip_weighted, act, isa)
     torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, weights, ids, False, "silu", isa)
     return out
@@ -166,16 +170,20 @@ def moe_experts_torch(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    cache: WeightCache | None = None,
 ) -> torch.Tensor:
-    """hidden_states `[M, H]`, w13 `[E, 2I, H]`, w2 `[E, H, I]`, topk_weights `[M, k]`,
-    topk_ids `[M, k]` int, `-1` = not on this rank. Returns `[M, H]` in the input dtype."""
+    """hidden_states `[M, H]`, w13 `[S, 2I, H]`, w2 `[S, H, I]`, topk_weights `[M, k]`,
+    topk_ids `[M, k]` int, `-1` = not on this rank. Returns `[M, H]` in the input dtype.
+
+    cache: where to keep the transformed weights between calls (see `WeightCache`); None
+    transforms them on every call."""
     M, H = hidden_states.shape
     E = w13.shape[0]
     k = topk_ids.shape[1]
     if M * k <= VLLM_KERNEL_MAX_ROWS_PER_EXPERT * E:
         isa = _vllm_isa(hidden_states, w13, w2)
         if isa is not None:
-            return _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa)
+            return _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa, cache)
     on_cpu = hidden_states.device.type == "cpu"
     compute_dtype = hidden_states.dtype
     if compute_dtype != torch.float32 and on_cpu and not _native_half_gemm():
@@ -190,9 +198,9 @@ def moe_experts_torch(
     tokens = order // k
     x = hidden_states.index_select(0, tokens).to(compute_dtype)
     if on_cpu and num_valid * H * w2.shape[2] <= GROUPED_MM_MAX_WORK:
-        down = _grouped(x, w13, w2, counts, compute_dtype)
+        down = _grouped(x, w13, w2, counts, compute_dtype, cache)
     else:
-        down = _per_expert(x, w13, w2, counts.tolist(), compute_dtype)
+        down = _per_expert(x, w13, w2, counts.tolist(), compute_dtype, cache)
     down = down.float().mul_(topk_weights.reshape(-1)[order].float().unsqueeze(1))
     out = torch.zeros(M, H, dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, tokens, down)
@@ -206,17 +214,18 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return act.mul_(gate_up[:, inter:])
 
 
-def _grouped(x, w13, w2, counts, dtype):
+def _grouped(x, w13, w2, counts, dtype, cache):
     """Both GEMMs as one ``torch._grouped_mm`` each; x `[rows, H]` sorted by expert."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    gate_up = torch._grouped_mm(x, _upcast(w13, dtype).transpose(1, 2), offs=offsets)
-    return torch._grouped_mm(_silu_mul(gate_up), _upcast(w2, dtype).transpose(1, 2), offs=offsets)
+    w13, w2 = _upcast(w13, dtype, cache), _upcast(w2, dtype, cache)
+    gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offsets)
+    return torch._grouped_mm(_silu_mul(gate_up), w2.transpose(1, 2), offs=offsets)
 
 
-def _per_expert(x, w13, w2, counts, dtype):
+def _per_expert(x, w13, w2, counts, dtype, cache):
     """``torch.mm`` per active expert on its row slice; x `[rows, H]` sorted by expert."""
     down = torch.empty(x.shape[0], w2.shape[1], dtype=dtype, device=x.device)
-    w13, w2 = _upcast(w13, dtype), _upcast(w2, dtype)
+    w13, w2 = _upcast(w13, dtype, cache), _upcast(w2, dtype, cache)
     start = 0
     for e, count in enumerate(counts):
         if count == 0:

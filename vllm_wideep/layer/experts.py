@@ -13,17 +13,21 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
     TopKWeightAndReduceNoOP,
 )
 
-from vllm_wideep.kernels import moe_experts
+from vllm_wideep.eplb.stats import record
+from vllm_wideep.kernels import WeightCache, moe_experts
 
 
 class WideEPExperts(mk.FusedMoEExpertsModular):
-    def __init__(self, moe_config, quant_config, backend: str, num_local_experts: int):
+    """backend: the `experts_backend` option. tokens_per_slot: `[S]` int64 on the device,
+    (token, expert) rows computed per local slot since start (the layer's
+    `ExpertSlots.tokens_per_slot`). weight_cache: the torch backend's transformed copies of
+    this layer's weights; the layer clears it whenever it writes them."""
+
+    def __init__(self, moe_config, quant_config, backend: str, tokens_per_slot: torch.Tensor):
         super().__init__(moe_config, quant_config)
         self.backend = backend
-        # `[E_local]` int64: (token, expert) rows computed per local expert since start.
-        self.tokens_per_expert = torch.zeros(
-            num_local_experts, dtype=torch.int64, device=moe_config.device
-        )
+        self.tokens_per_slot = tokens_per_slot
+        self.weight_cache = WeightCache()
 
     @staticmethod
     def activation_format() -> mk.FusedMoEActivationFormat:
@@ -83,8 +87,15 @@ class WideEPExperts(mk.FusedMoEExpertsModular):
         expert_tokens_meta,
         apply_router_weight_on_input,
     ) -> None:
-        ids = topk_ids.flatten().long()
-        self.tokens_per_expert.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
+        record(self.tokens_per_slot, topk_ids)
         output.copy_(
-            moe_experts(hidden_states, w1, w2, topk_weights, topk_ids, backend=self.backend)
+            moe_experts(
+                hidden_states,
+                w1,
+                w2,
+                topk_weights,
+                topk_ids,
+                backend=self.backend,
+                cache=self.weight_cache,
+            )
         )

@@ -2,7 +2,7 @@
 
 Registered with `UnquantizedFusedMoEMethod.register_oot`, so vLLM builds it for every
 unquantized MoE layer. Without `--enable-wideep` it is the stock method unchanged.
-Weights keep vLLM's canonical layout (`w13 [E_local, 2I, H]`, `w2 [E_local, H, I]`),
+Weights keep vLLM's canonical layout (`w13 [S, 2I, H]`, `w2 [S, H, I]`, S slots per rank),
 already sharded to this rank's experts by vLLM's loader (EP size = DP x TP).
 """
 
@@ -17,15 +17,13 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
 )
 
 from vllm_wideep.comm.registry import make_dispatcher
-from vllm_wideep.eplb.balancer import register_layer
+from vllm_wideep.config import WideEPConfig
 from vllm_wideep.eplb.files import read_placement
+from vllm_wideep.eplb.location import ExpertSlots
 from vllm_wideep.eplb.mover import apply_moves, plan_moves
-from vllm_wideep.kernels.torch_experts import clear_weight_cache
 from vllm_wideep.layer.experts import WideEPExperts
 from vllm_wideep.layer.prepare_finalize import TokenSlice, WideEPPrepareAndFinalize
-from vllm_wideep.layer.remap import ExpertRouting
-from vllm_wideep.layer.slots import ExpertSlots, home_placement
-from vllm_wideep.plugin.config import WideEPConfig
+from vllm_wideep.layer.state import register_layer
 
 
 class WideEPUnquantizedMethod(UnquantizedFusedMoEMethod):
@@ -46,35 +44,42 @@ class WideEPUnquantizedMethod(UnquantizedFusedMoEMethod):
     def process_weights_after_loading(self, layer) -> None:
         if not self.wideep.enabled:
             return super().process_weights_after_loading(layer)
-        # No backend prepacking: the wide-EP experts read the canonical layout. Weight
-        # loaders write through .data, unseen by the torch backend's weight cache: drop it.
-        clear_weight_cache()
+        # No backend prepacking: the wide-EP experts read the canonical layout.
         self.moe_quant_config = self.get_fused_moe_quant_config(layer)
         self.slots = self._make_slots(layer)
-        register_layer(get_current_vllm_config().parallel_config, self.slots, self.wideep)
         experts = WideEPExperts(
             self.moe,
             self.moe_quant_config,
             backend=self.wideep.experts_backend,
-            num_local_experts=layer.w13_weight.shape[0],
+            tokens_per_slot=self.slots.tokens_per_slot,
         )
-        self.slots.tokens_per_slot = experts.tokens_per_expert
-        self.moe_kernel = mk.FusedMoEKernel(self._make_prepare_finalize(layer), experts)
+        # Every committed move writes the weights in place: drop the experts' copies.
+        self.slots.on_weights_changed.append(experts.weight_cache.clear)
+        prepare_finalize = self._make_prepare_finalize(layer)
+        self.moe_kernel = mk.FusedMoEKernel(prepare_finalize, experts)
+        register_layer(
+            get_current_vllm_config().parallel_config,
+            self.wideep,
+            self.slots,
+            prepare_finalize.dispatcher.traffic,
+        )
 
     def _make_prepare_finalize(self, layer) -> WideEPPrepareAndFinalize:
         parallel = self.moe.moe_parallel_config
         ep_group = get_ep_group()
         # Bounds on the rows one rank dispatches per call (TP ranks each take a slice),
-        # for the fixed-size buffers of the `capacity` backend.
+        # for the fixed-size buffers of the `capacity` exchange.
         vllm_config = get_current_vllm_config()
         tp_size = get_tp_group().world_size
         budget = vllm_config.scheduler_config.max_num_batched_tokens
         graph_tokens = max(vllm_config.compilation_config.cudagraph_capture_sizes or [0])
         dispatcher = make_dispatcher(
-            self.wideep,
+            self.wideep.token_exchange,
             group=ep_group.device_group,
-            experts_per_rank=layer.w13_weight.shape[0],
+            slots_per_rank=layer.w13_weight.shape[0],
             num_ranks=ep_group.world_size,
+            dispatch_dtype=self.wideep.dispatch_dtype,
+            capacity_tokens=self.wideep.capacity_tokens,
             max_tokens_per_rank=-(-budget // tp_size),
             graph_tokens_per_rank=-(-graph_tokens // tp_size),
         )
@@ -88,41 +93,18 @@ class WideEPUnquantizedMethod(UnquantizedFusedMoEMethod):
         )
 
     def _make_slots(self, layer) -> ExpertSlots:
-        """Fill the extra slots, then move to the placement file's placement, if any."""
+        """The layer's slots in the home placement, then moved to the placement file's."""
         ep_group = get_ep_group()
         num_ranks, rank = ep_group.world_size, ep_group.rank_in_group
-        num_experts = self.moe.num_experts
-        # .detach(), not .data: it shares the version counter, so the in-place slot writes
-        # here and in the EPLB mover invalidate the torch backend's cached weight copies.
         weights = [layer.w13_weight.detach(), layer.w2_weight.detach()]
-        slots_per_rank = weights[0].shape[0]
-        experts_per_rank = num_experts // num_ranks
-        for w in weights:  # extra slot j starts as a copy of local expert j % (E / R)
-            for j in range(experts_per_rank, slots_per_rank):
-                w[j].copy_(w[j % experts_per_rank])
-        home = home_placement(num_experts, num_ranks, slots_per_rank)
         balanced = self.wideep.eplb != "off" or self.wideep.placement is not None
-        routing = None
-        if balanced or slots_per_rank > experts_per_rank:
-            routing = ExpertRouting(
-                num_experts, len(home) - num_experts + 1, rank, weights[0].device
-            )
-        slots = ExpertSlots(
-            layer_name=layer.layer_name,
-            num_experts=num_experts,
-            num_ranks=num_ranks,
-            rank=rank,
-            slots_per_rank=slots_per_rank,
-            weights=weights,
-            physical_to_logical=home,
-            routing=routing,
-            step_counts=torch.zeros(num_experts, dtype=torch.int64, device=weights[0].device),
+        slots = ExpertSlots.create(
+            layer.layer_name, weights, self.moe.num_experts, num_ranks, rank, routed=balanced
         )
-        if routing is not None:
-            slots.set_placement(home)
         if self.wideep.placement is not None:
+            home = slots.physical_to_logical
             target = _placement_row(self.wideep.placement, layer.layer_name, home)
-            plan = plan_moves(home, target, slots_per_rank)
+            plan = plan_moves(home, target, slots.slots_per_rank)
             if not apply_moves(plan, weights, rank, num_ranks, ep_group.device_group):
                 raise RuntimeError(
                     f"vllm_wideep: moving {layer.layer_name}'s experts to the placement in "

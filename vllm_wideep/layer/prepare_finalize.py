@@ -16,7 +16,7 @@ import torch
 from vllm.model_executor.layers.fused_moe import modular_kernel as mk
 
 from vllm_wideep.comm.base import Dispatcher
-from vllm_wideep.layer.slots import ExpertSlots
+from vllm_wideep.eplb.location import ExpertSlots
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,8 @@ import torch
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.fused_moe import MoERunner
 
+from vllm_wideep.config import WideEPConfig
 from vllm_wideep.layer.method import WideEPUnquantizedMethod
-from vllm_wideep.plugin.config import WideEPConfig
-from vllm_wideep.plugin.worker import install_eplb_hook
 
 
 class WideEPMoERunner(MoERunner):
@@ -28,7 +27,6 @@ class WideEPMoERunner(MoERunner):
         super().__init__(*args, **kwargs)
         if not self.wideep_enabled:
             return
-        install_eplb_hook()
         quant_method = self.routed_experts.quant_method
         if not isinstance(quant_method, WideEPUnquantizedMethod):
             raise NotImplementedError(
@@ -44,15 +42,3 @@ class WideEPMoERunner(MoERunner):
         if self._shared_experts is None:
             return torch.ops.vllm.moe_forward
         return torch.ops.vllm.moe_forward_shared
-
-    @property
-    def tokens_per_expert(self) -> torch.Tensor:
-        """`[E_local]` int64 (token, expert) rows this rank's experts computed."""
-        return self.routed_experts.quant_method.moe_kernel.fused_experts.tokens_per_expert
-
-    @property
-    def traffic(self) -> dict[str, int]:
-        """Cumulative bytes this rank's token exchange moved for this layer, and calls
-        (`comm.base.TrafficCounters`); reads the device."""
-        dispatcher = self.routed_experts.quant_method.moe_kernel.prepare_finalize.dispatcher
-        return dispatcher.traffic.snapshot()

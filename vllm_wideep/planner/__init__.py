@@ -18,14 +18,15 @@ One job per file, in the order a plan runs:
     measure_cpu.py  time the tiny model's decode step on this CPU
     cli.py          `vllm-wideep plan`
 
-Glossary (worked example: DeepSeek-R1 on 144 H800s, EP 144, 32 redundant experts):
+Planner symbols (worked example: DeepSeek-R1 on 144 H800s, EP 144, 32 redundant experts):
     B    requests decoding on each GPU (batch per GPU)
-    C    mean KV length of a request, tokens (4989)
+    ctx  mean KV length of a request, tokens (4989)
     d    MTP draft tokens per step (1);  a  acceptance of a draft (0.85)
     A    accepted tokens per step = 1 + a + ... + a^d (1.85)
     T    query tokens per GPU per forward = B * (1 + d)
-    S    expert slots of the EP group = ceil((256 + 32) / 144) * 144 = 288;  s = 2 per GPU
     u    imbalance: max / mean (token, expert) rows over EP ranks (1.1)
+Other symbols as in the package glossary (vllm_wideep/__init__.py), with ep = R and one GPU
+per rank; in this example S = ceil((256 + 32) / 144) = 2 slots per GPU, N = 144 * 2 = 288.
 """
 
 from vllm_wideep.planner.frontier import EPCurve, at_user_rate, pareto_frontier, sweep

@@ -21,7 +21,7 @@ Identifiability: if every op is memory-bound at the fitted ridge, ``F`` is not d
 Two input formats (``load_measurements``):
 
 * ``{"kind": "decode_step_times", "model_shape": <ModelShape fields> (or "model": a built-in
-  name, a config.json path or an inline config), "precision": "bf16", "context_len": C,
+  name, a config.json path or an inline config), "precision": "bf16", "context_len": ctx,
   "ep_size": 1, "points": [{"batch": B, "step_s": t}, ...]}`` -- written by
   ``measure_cpu.py``; fits ``step_overhead``.
 * the grouped-GEMM benchmark's results (``benchmarks/grouped_gemm.py --json``, e.g.

@@ -3,26 +3,26 @@
 Setting: attention data-parallel (every GPU holds all attention, dense-MLP, shared-expert and
 LM-head weights and decodes its own ``B`` requests), routed experts spread over the ``ep``
 GPUs of the group, each MoE layer runs dispatch -> grouped GEMM -> combine. docs/planner.md
-explains each term; the symbols:
+explains each term; the planner's symbols (other symbols as in the package glossary,
+vllm_wideep/__init__.py, with ep = R, one GPU per rank):
 
-    B     requests decoding on each GPU (batch per GPU);  C  mean KV length, tokens
+    B     requests decoding on each GPU (batch per GPU);  ctx  mean KV length, tokens
     d     MTP draft tokens per step;  a  acceptance of one draft given the earlier ones
     T     query tokens per GPU per main forward = B * (1 + d)
-    L, L_dense, L_moe   decoder layers, of them dense and MoE
-    H, I  hidden size, expert intermediate size;  E routed experts;  k top-k
-    S     expert slots of the group = s * ep;  s = ceil((E + redundant) / ep) + extra per GPU
+    L, L_dense, L_moe   decoder layers, of them dense and MoE (the package's L is L_moe)
+    S, N  expert slots per GPU = ceil((E + redundant) / ep) + extra, of the group = S * ep
     u     imbalance: rows on the busiest GPU / mean rows per GPU (>= 1)
     BW, F achieved HBM bandwidth and FLOP/s of the GEMM's dtype (hardware.py)
 
 Every GEMM-like term is a roofline, ``max(bytes / BW, FLOP / F)``, summed over layers:
 
     attention weights   L * P_attn * b_dense          bytes, 2 * L * P_attn * T FLOP
-    attention KV        L * B * C * kv_elems * b_kv   bytes, L * T * C * f_attn FLOP
+    attention KV        L * B * ctx * kv_elems * b_kv bytes, L * T * ctx * f_attn FLOP
     dense MLP           L_dense * 3 H I_dense          (as attention weights)
     shared experts      L_moe * (3 H I_shared + H E)
-    routed experts      L_moe * s_active * 3 H I * b_expert bytes,
+    routed experts      L_moe * S_active * 3 H I * b_expert bytes,
                         2 * L_moe * 3 H I * T * k * u FLOP,
-                        s_active = s * (1 - (1 - k / S) ** (T * ep))   (slots hit at least once),
+                        S_active = S * (1 - (1 - k / N) ** (T * ep))   (slots hit at least once),
                         plus L_moe * expert_call_overhead (0 unless calibrated)
     LM head             V * H * b_lm bytes, 2 * V * H * T FLOP
     all-to-all          per MoE layer: 2 latencies + max(NVLink bytes / NVLink BW,
@@ -37,7 +37,7 @@ Every GEMM-like term is a roofline, ``max(bytes / BW, FLOP / F)``, summed over l
 
 Imbalance multiplies the routed-expert FLOP, the expert activation bytes and the all-to-all
 volume (the busiest GPU sets the pace of every layer); it does not change which weights are
-read. Memory: weights + B * C * kv bytes must fit in ``memory_utilization`` of HBM.
+read. Memory: weights + B * ctx * kv bytes must fit in ``memory_utilization`` of HBM.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class StepEstimate:
 
 
 def slots_per_gpu(model: ModelShape, dep: Deployment) -> int:
-    """s: expert slots on each GPU = ceil((E + redundant) / ep) + extra_slots_per_gpu.
+    """S: expert slots on each GPU = ceil((E + redundant) / ep) + extra_slots_per_gpu.
 
     TensorRT-LLM's EP32 setting, 288 slots for 256 experts, is ``extra_slots_per_gpu=1``;
     DeepSeek's EP144 decode, 256 + 32 redundant = 2 per GPU, is the ceiling alone."""
@@ -165,25 +165,25 @@ def slots_per_gpu(model: ModelShape, dep: Deployment) -> int:
 def active_slots(model: ModelShape, dep: Deployment, tokens_per_gpu: float) -> float:
     """Expected slots of one GPU that get >= 1 row when every GPU routes ``tokens_per_gpu``.
 
-    A token hits a given slot with probability k / S (its k experts land on k of the S
-    slots), so a slot stays idle with probability (1 - k/S)^(T * ep)."""
-    s = slots_per_gpu(model, dep)
-    total_slots = s * dep.ep_size
+    A token hits a given slot with probability k / N (its k experts land on k of the N
+    slots), so a slot stays idle with probability (1 - k/N)^(T * ep)."""
+    slots = slots_per_gpu(model, dep)
+    total_slots = slots * dep.ep_size
     p_hit = min(1.0, model.top_k / total_slots)
-    return s * (1.0 - (1.0 - p_hit) ** (tokens_per_gpu * dep.ep_size))
+    return slots * (1.0 - (1.0 - p_hit) ** (tokens_per_gpu * dep.ep_size))
 
 
 def destination_ranks(model: ModelShape, dep: Deployment) -> float:
     """Expected distinct EP ranks one token is dispatched to (own rank included).
 
-    A rank holds s of the S slots; the token's k experts avoid it with probability
-    C(S - s, k) / C(S, k) = prod_{i<k} (S - s - i) / (S - i)."""
-    s = slots_per_gpu(model, dep)
-    total = s * dep.ep_size
+    A rank holds S of the N slots; the token's k experts avoid it with probability
+    binom(N - S, k) / binom(N, k) = prod_{i<k} (N - S - i) / (N - i)."""
+    slots = slots_per_gpu(model, dep)
+    total = slots * dep.ep_size
     k = min(model.top_k, total)
     p_miss = 1.0
     for i in range(k):
-        p_miss *= max(0.0, (total - s - i) / (total - i))
+        p_miss *= max(0.0, (total - slots - i) / (total - i))
     return dep.ep_size * (1.0 - p_miss)
 
 
@@ -334,19 +334,19 @@ def _by_name(terms: list[Term]) -> dict[str, Term]:
 
 
 def weight_bytes_per_gpu(model: ModelShape, prec: Precision, dep: Deployment) -> float:
-    """Weights each GPU holds: all non-expert weights (data-parallel), s expert slots per MoE
+    """Weights each GPU holds: all non-expert weights (data-parallel), S expert slots per MoE
     layer, and the MTP layers (each one MoE decoder layer plus its 2H x H projection)."""
-    s = slots_per_gpu(model, dep)
+    slots = slots_per_gpu(model, dep)
     dense = (
         model.num_layers * model.attention_params
         + model.num_dense_layers * model.dense_mlp_params
         + model.num_moe_layers * model.shared_params
     )
-    experts = model.num_moe_layers * s * model.expert_params
+    experts = model.num_moe_layers * slots * model.expert_params
     mtp_dense = model.num_mtp_layers * (
         model.attention_params + model.shared_params + 2 * model.hidden_size**2
     )
-    mtp_experts = model.num_mtp_layers * s * model.expert_params
+    mtp_experts = model.num_mtp_layers * slots * model.expert_params
     return (
         (dense + mtp_dense) * prec.dense_weight_bytes
         + (experts + mtp_experts) * prec.expert_weight_bytes
@@ -403,8 +403,8 @@ def _finish(
 
 def expert_intensity(model: ModelShape, prec: Precision, dep: Deployment) -> float:
     """Arithmetic intensity of one decode step's grouped GEMM on the busiest GPU:
-    FLOP per byte of expert weights read = 2 * rows / (s_active * b_expert)
-    (rows = T * k * u; each active slot's 3HI weights serve rows/s_active rows)."""
+    FLOP per byte of expert weights read = 2 * rows / (S_active * b_expert)
+    (rows = T * k * u; each active slot's 3HI weights serve rows/S_active rows)."""
     tokens = dep.batch_per_gpu * (1 + dep.mtp_tokens)
     rows = tokens * model.top_k * dep.imbalance
     return 2 * rows / (active_slots(model, dep, tokens) * prec.expert_weight_bytes)
@@ -467,7 +467,7 @@ def prefill_step(
     model: ModelShape, hw: HardwareProfile, prec: Precision, dep: Deployment
 ) -> StepEstimate:
     """One prefill chunk: ``batch_per_gpu`` prompt tokens per GPU, prompts of
-    ``context_len`` tokens (causal attention: each token attends to (C + 1) / 2 keys on
+    ``context_len`` tokens (causal attention: each token attends to (ctx + 1) / 2 keys on
     average); the LM head runs on the last token of each prompt only.
 
     ``tokens_per_s_per_gpu`` is prompt tokens per second; ``tokens_per_s_per_user`` has

@@ -1,22 +1,33 @@
-"""vLLM glue: what `register()` installs in every vLLM process."""
+"""vLLM glue: what `register()` installs in every vLLM process (the changes themselves are
+listed in `hooks.HOOKS`)."""
 
 from __future__ import annotations
 
 
 def register() -> None:
-    """Entry point of `vllm.general_plugins`; vLLM calls it once per process.
+    """Entry point of `vllm.general_plugins`; vLLM calls it once or more per process.
 
-    Cheap and device-free: it only wraps a few vLLM functions and registers classes.
+    Cheap and device-free: it registers the MoE classes and wraps a few vLLM functions;
+    the worker-side hooks follow when a worker builds its first wide-EP MoE layer.
     """
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.fused_moe import MoERunner, UnquantizedFusedMoEMethod
+
+    from vllm_wideep.layer import state
+    from vllm_wideep.layer.method import WideEPUnquantizedMethod
+    from vllm_wideep.layer.runner import WideEPMoERunner
     from vllm_wideep.plugin.cli import patch_cli
     from vllm_wideep.plugin.engine import patch_engine_config
-    from vllm_wideep.plugin.patch import patch_moe
     from vllm_wideep.plugin.ray_cpu import patch_ray_cpu
-    from vllm_wideep.plugin.worker import patch_dp_client, patch_worker
+    from vllm_wideep.plugin.worker import install_step_hooks, patch_dp_client
 
+    if op_registry_oot.get("MoERunner") is not WideEPMoERunner:
+        MoERunner.register_oot(WideEPMoERunner)
+    if op_registry_oot.get("UnquantizedFusedMoEMethod") is not WideEPUnquantizedMethod:
+        UnquantizedFusedMoEMethod.register_oot(WideEPUnquantizedMethod)
     patch_cli()
     patch_engine_config()
-    patch_moe()
-    patch_worker()
     patch_dp_client()
     patch_ray_cpu()
+    if install_step_hooks not in state.on_first_layer:
+        state.on_first_layer.append(install_step_hooks)

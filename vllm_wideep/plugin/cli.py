@@ -15,16 +15,8 @@ import re
 import typing
 from typing import Any, Literal, get_args
 
-from vllm_wideep.plugin.config import ADDITIONAL_CONFIG_KEY, WideEPConfig
-
-_PATCHED_MARK = "_vllm_wideep_patched"
-
-
-def flag_for(option: str) -> str:
-    """`enabled` -> `--enable-wideep`; `a2a_backend` -> `--wideep-a2a-backend`."""
-    if option == "enabled":
-        return "--enable-wideep"
-    return "--wideep-" + option.replace("_", "-")
+from vllm_wideep.config import ADDITIONAL_CONFIG_KEY, WideEPConfig, flag_for
+from vllm_wideep.plugin.hooks import wrap
 
 
 def _dest(option: str) -> str:
@@ -75,38 +67,35 @@ def fold_cli_args(args: argparse.Namespace, additional_config: Any) -> dict | An
 
 
 def patch_cli() -> None:
-    """Install the flag wrappers on `EngineArgs` (idempotent)."""
+    """Install the flag wrappers on `EngineArgs` and vLLM's argument parser."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    if getattr(EngineArgs, _PATCHED_MARK, False):
-        return
-    setattr(EngineArgs, _PATCHED_MARK, True)
+    def wrap_add_cli_args(original):
+        def add_cli_args(parser, *args, **kwargs):
+            return add_wideep_args(original(parser, *args, **kwargs))
 
-    original_add = EngineArgs.add_cli_args
-    original_from = EngineArgs.from_cli_args.__func__
+        return add_cli_args
 
-    def add_cli_args(parser, *args, **kwargs):
-        parser = original_add(parser, *args, **kwargs)
-        return add_wideep_args(parser)
+    def wrap_from_cli_args(original):
+        def from_cli_args(cls, args):
+            engine_args = original(cls, args)
+            engine_args.additional_config = fold_cli_args(args, engine_args.additional_config)
+            return engine_args
 
-    def from_cli_args(cls, args):
-        engine_args = original_from(cls, args)
-        engine_args.additional_config = fold_cli_args(args, engine_args.additional_config)
-        return engine_args
+        return from_cli_args
 
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    def wrap_error(original):
+        def error(self, message: str):
+            if message.startswith("unrecognized arguments:") and re.search(
+                r"--(enable-)?wideep", message
+            ):
+                valid = ", ".join(flag_for(name) for name in WideEPConfig.option_names())
+                message += f"\nvllm_wideep: valid wide-EP flags are {valid}"
+            return original(self, message)
 
-    # An unknown `--wideep-*` flag is an argparse error; name the valid ones in it.
-    original_error = FlexibleArgumentParser.error
+        return error
 
-    def error(self, message: str):
-        if message.startswith("unrecognized arguments:") and re.search(
-            r"--(enable-)?wideep", message
-        ):
-            valid = ", ".join(flag_for(name) for name in WideEPConfig.option_names())
-            message += f"\nvllm_wideep: valid wide-EP flags are {valid}"
-        return original_error(self, message)
-
-    FlexibleArgumentParser.error = error
+    wrap(EngineArgs, "add_cli_args", wrap_add_cli_args)
+    wrap(EngineArgs, "from_cli_args", wrap_from_cli_args)
+    wrap(FlexibleArgumentParser, "error", wrap_error)

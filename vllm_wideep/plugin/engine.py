@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from vllm_wideep.plugin.config import ADDITIONAL_CONFIG_KEY, WideEPConfig
+from vllm_wideep.config import ADDITIONAL_CONFIG_KEY, WideEPConfig
+from vllm_wideep.plugin.hooks import wrap
 
-_PATCHED_MARK = "_vllm_wideep_engine_patched"
+WORKER_EXTENSION = "vllm_wideep.plugin.worker.WideEPWorkerExtension"
 _DEFAULT_ALL2ALL = "allgather_reducescatter"
 
 
@@ -51,10 +52,17 @@ def adjust_engine_args(engine_args, config: WideEPConfig) -> None:
             "vllm_wideep: --all2all-backend %s is replaced by wide EP's own token "
             "exchange (%s); using vLLM's default %s for everything else.",
             engine_args.all2all_backend,
-            config.a2a_backend,
+            config.token_exchange,
             _DEFAULT_ALL2ALL,
         )
         engine_args.all2all_backend = _DEFAULT_ALL2ALL
+    if engine_args.worker_extension_cls not in ("", WORKER_EXTENSION):
+        raise ValueError(
+            f"vllm_wideep: --worker-extension-cls {engine_args.worker_extension_cls} cannot "
+            f"run with --enable-wideep, which brings its own worker extension "
+            f"({WORKER_EXTENSION}: the wideep_stats and wideep_load RPCs)."
+        )
+    engine_args.worker_extension_cls = WORKER_EXTENSION
     _apply_cuda_graph_policy(engine_args, config)
     if not engine_args.enable_expert_parallel:
         logger.info(
@@ -69,11 +77,11 @@ def cuda_graph_policy(config: WideEPConfig) -> tuple[bool, str]:
 
     `capacity` moves fixed-size buffers and never reads a count on the host inside a
     captured batch (its buffers are sized to the largest graph batch), so the MoE layers
-    can be captured. `a2a` and `allgather` learn their split sizes on the host, a sync
+    can be captured. `alltoall` and `allgather` learn their split sizes on the host, a sync
     per layer that a CUDA graph cannot capture."""
-    if config.a2a_backend == "capacity":
+    if config.token_exchange == "capacity":
         return True, "the capacity exchange has fixed sizes and no host sync"
-    return False, f"the {config.a2a_backend} exchange syncs with the host"
+    return False, f"the {config.token_exchange} exchange syncs with the host"
 
 
 def _apply_cuda_graph_policy(engine_args, config: WideEPConfig) -> None:
@@ -94,13 +102,13 @@ def _apply_cuda_graph_policy(engine_args, config: WideEPConfig) -> None:
     if compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE):
         _logger().warning(
             "vllm_wideep: cudagraph_mode %s replaced by NONE: %s; "
-            "--wideep-a2a-backend capacity keeps CUDA graphs.",
+            "--wideep-token-exchange capacity keeps CUDA graphs.",
             compilation.cudagraph_mode,
             why,
         )
     else:
         _logger().info(
-            "vllm_wideep: CUDA graphs off (%s); --wideep-a2a-backend capacity keeps them.",
+            "vllm_wideep: CUDA graphs off (%s); --wideep-token-exchange capacity keeps them.",
             why,
         )
     compilation.cudagraph_mode = CUDAGraphMode.NONE
@@ -162,38 +170,35 @@ def resolve_balancing(config: WideEPConfig, model_config, ep_size: int) -> WideE
 
 
 def patch_engine_config() -> None:
-    """Wrap `EngineArgs.create_engine_config` (idempotent)."""
+    """Wrap `EngineArgs.create_engine_config`: every entry point calls it in the front end."""
     from vllm.engine.arg_utils import EngineArgs
 
+    from vllm_wideep.plugin.metrics import install_collector
     from vllm_wideep.plugin.ray_cpu import prepare_ray_workers, refuse_ray_on_cpu
 
-    if getattr(EngineArgs, _PATCHED_MARK, False):
-        return
-    setattr(EngineArgs, _PATCHED_MARK, True)
-    original = EngineArgs.create_engine_config
+    def wrap_create_engine_config(original):
+        def create_engine_config(self, *args, **kwargs):
+            config = WideEPConfig.from_additional_config(self.additional_config)
+            if not config.enabled:
+                refuse_ray_on_cpu(self)  # stock vLLM's answer; wide EP lifts it
+                return original(self, *args, **kwargs)
+            adjust_engine_args(self, config)
+            model_config = self.create_model_config()
+            check_model(model_config, self.data_parallel_size, self.tensor_parallel_size)
+            config = resolve_balancing(
+                config, model_config, self.data_parallel_size * self.tensor_parallel_size
+            )
+            # Store the validated, complete option set: workers read it back from here.
+            self.additional_config = {
+                **(self.additional_config or {}),
+                ADDITIONAL_CONFIG_KEY: config.to_dict(),
+            }
+            install_collector()
+            vllm_config = original(self, *args, **kwargs)
+            prepare_ray_workers(vllm_config)
+            _logger().info("vllm_wideep: wide EP enabled with %s", config)
+            return vllm_config
 
-    def create_engine_config(self, *args, **kwargs):
-        config = WideEPConfig.from_additional_config(self.additional_config)
-        if not config.enabled:
-            refuse_ray_on_cpu(self)  # stock vLLM's answer; wide EP lifts it
-            return original(self, *args, **kwargs)
-        adjust_engine_args(self, config)
-        model_config = self.create_model_config()
-        check_model(model_config, self.data_parallel_size, self.tensor_parallel_size)
-        config = resolve_balancing(
-            config, model_config, self.data_parallel_size * self.tensor_parallel_size
-        )
-        # Store the validated, complete option set: workers read it back from here.
-        self.additional_config = {
-            **(self.additional_config or {}),
-            ADDITIONAL_CONFIG_KEY: config.to_dict(),
-        }
-        from vllm_wideep.plugin.metrics import install_collector
+        return create_engine_config
 
-        install_collector()
-        vllm_config = original(self, *args, **kwargs)
-        prepare_ray_workers(vllm_config)
-        _logger().info("vllm_wideep: wide EP enabled with %s", config)
-        return vllm_config
-
-    EngineArgs.create_engine_config = create_engine_config
+    wrap(EngineArgs, "create_engine_config", wrap_create_engine_config)

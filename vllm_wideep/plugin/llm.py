@@ -1,8 +1,8 @@
 """`vllm_wideep.LLM`: vLLM's `LLM` that also takes the wide-EP options as keywords.
 
-    LLM(model, enable_wideep=True, wideep_a2a_backend="a2a", tensor_parallel_size=2)
+    LLM(model, enable_wideep=True, wideep_token_exchange="alltoall", tensor_parallel_size=2)
 
-is `vllm.LLM(model, additional_config={"wideep": {"enabled": True, "a2a_backend": "a2a"}},
+is `vllm.LLM(model, additional_config={"wideep": {"enabled": True, "token_exchange": "alltoall"}},
 tensor_parallel_size=2)`.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import vllm
 
-from vllm_wideep.plugin.config import ADDITIONAL_CONFIG_KEY, WideEPConfig
+from vllm_wideep.config import ADDITIONAL_CONFIG_KEY, WideEPConfig
 
 
 def fold_llm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

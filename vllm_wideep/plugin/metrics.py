@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from vllm_wideep.plugin.hooks import set_attribute, wrap
+
 METRICS_DIR_ENV = "VLLM_WIDEEP_METRICS_DIR"
 PUBLISH_EVERY = 16
 
@@ -128,30 +130,34 @@ class WideEPCollector:
         yield from counters.values()
 
 
+_collector: WideEPCollector | None = None
+
+
 def install_collector() -> None:
-    """Add the collector to the registry vLLM's `/metrics` serves (idempotent)."""
+    """Add the collector to the registry vLLM's `/metrics` serves (once per process)."""
     import sys
 
     import prometheus_client
-
-    folder = ensure_metrics_dir()
-    if getattr(install_collector, "_done", False):
-        return
-    install_collector._done = True
-    collector = WideEPCollector(folder)
-    prometheus_client.REGISTRY.register(collector)
-    # With several API servers vLLM serves a separate multiprocess registry.
     from vllm.v1.metrics import prometheus as vllm_prometheus
 
-    original = vllm_prometheus.get_prometheus_registry
+    global _collector
+    folder = ensure_metrics_dir()
+    if _collector is not None:
+        return
+    _collector = collector = WideEPCollector(folder)
+    prometheus_client.REGISTRY.register(collector)
 
-    def get_prometheus_registry():
-        registry = original()
-        if registry is not prometheus_client.REGISTRY:
-            registry.register(collector)
-        return registry
+    # With several API servers vLLM serves a separate multiprocess registry.
+    def wrap_get_prometheus_registry(original):
+        def get_prometheus_registry():
+            registry = original()
+            if registry is not prometheus_client.REGISTRY:
+                registry.register(collector)
+            return registry
 
-    vllm_prometheus.get_prometheus_registry = get_prometheus_registry
-    module = sys.modules.get("vllm.entrypoints.serve.instrumentator.metrics")
-    if module is not None:
-        module.get_prometheus_registry = get_prometheus_registry
+        return get_prometheus_registry
+
+    wrap(vllm_prometheus, "get_prometheus_registry", wrap_get_prometheus_registry)
+    route = sys.modules.get("vllm.entrypoints.serve.instrumentator.metrics")
+    if route is not None:
+        set_attribute(route, "get_prometheus_registry", vllm_prometheus.get_prometheus_registry)

@@ -24,6 +24,8 @@ engine refuses Ray on CPU as stock vLLM does (`refuse_ray_on_cpu`).
 
 from __future__ import annotations
 
+from vllm_wideep.plugin.hooks import set_attribute, wrap
+
 RAY_CPU_RESOURCE = "vllm_cpu_rank"
 _SETUP_HOOK = "vllm_wideep.plugin.ray_cpu.setup_ray_worker"
 
@@ -34,7 +36,7 @@ def patch_ray_cpu() -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu() and not current_platform.ray_device_key:
-        type(current_platform).ray_device_key = RAY_CPU_RESOURCE
+        set_attribute(type(current_platform), "ray_device_key", RAY_CPU_RESOURCE)
 
 
 def refuse_ray_on_cpu(engine_args) -> None:
@@ -74,15 +76,13 @@ def setup_ray_worker() -> None:
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()  # patch_ray_cpu() among them
-    context = ray.runtime_context.RuntimeContext
-    if getattr(context.get_accelerator_ids, "_vllm_wideep", False):
-        return
-    original = context.get_accelerator_ids
 
-    def get_accelerator_ids(self):
-        ids = original(self)
-        ids.setdefault(RAY_CPU_RESOURCE, [])  # CPU ranks hold no device ids
-        return ids
+    def wrap_get_accelerator_ids(original):
+        def get_accelerator_ids(self):
+            ids = original(self)
+            ids.setdefault(RAY_CPU_RESOURCE, [])  # CPU ranks hold no device ids
+            return ids
 
-    get_accelerator_ids._vllm_wideep = True
-    context.get_accelerator_ids = get_accelerator_ids
+        return get_accelerator_ids
+
+    wrap(ray.runtime_context.RuntimeContext, "get_accelerator_ids", wrap_get_accelerator_ids)

@@ -24,7 +24,7 @@ Held-out split: an item is held out when the CRC-32 of its context is divisible 
 context, so no query of an evaluation item was ever trained on, whatever the seeds.
 
 The lm-eval tasks (`lm_eval_tasks/`) read held-out items from `lm_eval_tasks/data/`,
-written by `python -m vllm_wideep.accuracy.tasks` (`write_task_data`).
+written by `python -m tools.accuracy.tasks` (`write_task_data`).
 """
 
 from __future__ import annotations

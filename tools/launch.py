@@ -2,7 +2,7 @@
 
 vLLM leaves EngineCore/worker processes behind when its front process is killed, so
 every run gets its own session (process group) and the whole group is killed at the end.
-Used by tests/e2e and by `make eval` (`vllm_wideep.accuracy.eval`).
+Used by tests/e2e and by `make eval` (`tools.accuracy.eval`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 

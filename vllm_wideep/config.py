@@ -4,6 +4,8 @@ The options reach vLLM as `additional_config["wideep"]` (a plain dict, because v
 pickles it to every process and hashes it into the compile cache). The CLI flags
 `--enable-wideep` / `--wideep-<option>` and `vllm_wideep.LLM(enable_wideep=True, ...)` are
 spellings of the same dict; this module is the one place that reads it.
+
+The bottom layer of the package: it imports neither vLLM nor any other part of it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-A2ABackend = Literal["a2a", "capacity", "allgather"]
+TokenExchange = Literal["alltoall", "capacity", "allgather"]
 DispatchDtype = Literal["auto", "fp8"]
 ExpertsBackend = Literal["auto", "triton", "torch"]
 EplbMode = Literal["off", "online"]
@@ -34,15 +36,15 @@ class WideEPConfig:
     """
 
     enabled: bool = field(default=False, metadata={"help": "Turn wide expert parallelism on."})
-    a2a_backend: A2ABackend = field(
-        default="a2a",
+    token_exchange: TokenExchange = field(
+        default="alltoall",
         metadata={
-            "help": "Token exchange between EP ranks. 'a2a': variable-size "
-            "all_to_all_single over the EP group (NCCL on GPU, gloo on CPU), one row per "
-            "(token, destination rank); syncs with the host, so CUDA graphs are turned "
-            "off. 'capacity': fixed-size per-peer buffers, no host sync, keeps CUDA "
-            "graphs; sends padding. 'allgather': every token to every rank and a "
-            "reduce-scatter back; the reference (CUDA graphs off)."
+            "help": "How tokens travel between EP ranks (dispatch and combine). "
+            "'alltoall': variable-size all_to_all_single over the EP group (NCCL on GPU, "
+            "gloo on CPU), one row per (token, destination rank); syncs with the host, so "
+            "CUDA graphs are turned off. 'capacity': fixed-size per-peer buffers, no host "
+            "sync, keeps CUDA graphs; sends padding. 'allgather': every token to every "
+            "rank and a reduce-scatter back; the reference (CUDA graphs off)."
         },
     )
     experts_backend: ExpertsBackend = field(
@@ -55,7 +57,7 @@ class WideEPConfig:
     capacity_tokens: int = field(
         default=0,
         metadata={
-            "help": "Rows per peer buffer of the 'capacity' backend; 0 = the per-rank "
+            "help": "Rows per peer buffer of the 'capacity' exchange; 0 = the per-rank "
             "token budget ceil(max_num_batched_tokens / TP), which never overflows. A "
             "smaller value (raised to the largest CUDA-graph batch) sends less padding; "
             "eager batches with more rows for a peer send the rest in a second round."
@@ -178,8 +180,6 @@ class WideEPConfig:
     @classmethod
     def options_table(cls) -> str:
         """The README's options table (Markdown), made from the fields."""
-        from vllm_wideep.plugin.cli import flag_for
-
         hints = typing.get_type_hints(cls)
         rows = ["| name | flag | default | help |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
@@ -190,6 +190,14 @@ class WideEPConfig:
             help_ = re.sub(r"'([^' ]+)'", r"`\1`", f.metadata.get("help", ""))
             rows.append(f"| `{f.name}` | `{flag}` | {default} | {help_} |")
         return "\n".join(rows)
+
+
+def flag_for(option: str) -> str:
+    """The CLI spelling of an option: `enabled` -> `--enable-wideep`,
+    `token_exchange` -> `--wideep-token-exchange`."""
+    if option == "enabled":
+        return "--enable-wideep"
+    return "--wideep-" + option.replace("_", "-")
 
 
 def _check_type(name: str, value: Any, hint: Any) -> None:

@@ -1,6 +1,6 @@
 """Token-exchange traffic and latency of the dispatch backends.
 
-    python benchmarks/a2a.py [--json docs/results/a2a_cpu.json]
+    python benchmarks/token_exchange.py [--json docs/results/token_exchange_cpu.json]
 
 1. Traffic, EP 2 to 64, DeepSeek-V3 shapes (H = 7168 bf16, 256 routed experts, top-8),
    computed from per-token routings (uniform, and Zipf-skewed as in
@@ -10,13 +10,13 @@
 
    Rows per token sent to other ranks, tokens spread evenly over the R ranks:
        allgather      R - 1 (every other rank), each direction
-       a2a            distinct ranks among the token's experts, less its own rank
+       alltoall            distinct ranks among the token's experts, less its own rank
        capacity       (R - 1) * C / M: a full block of C rows per peer per call of M tokens;
                       C = M (the worst case, no overflow possible) and C = the largest
                       per-peer row count of the batch (the smallest C without overflow)
    For uniform routing over E experts, P(a given rank holds none of a token's k experts)
-   is q = C(E - E/R, k) / C(E, k), so a2a moves (R - 1)(1 - q) rows per token: the
-   predicted allgather / a2a factor is 1 / (1 - q).
+   is q = C(E - E/R, k) / C(E, k), so alltoall moves (R - 1)(1 - q) rows per token: the
+   predicted allgather / alltoall factor is 1 / (1 - q).
 
 2. Latency of dispatch + combine on CPU over gloo, EP 2 and 4 (one process per rank on
    this machine's cores), the same shapes, M tokens per rank, uniform routing, no expert
@@ -83,19 +83,19 @@ def traffic_per_token(topk_ids: torch.Tensor, num_ranks: int) -> dict[str, float
     max_load = int(per_call.sum(1).max())  # most rows one rank sends one peer in a call
     rows = {
         "allgather": float(R - 1),
-        "a2a": remote.mean().item(),
+        "alltoall": remote.mean().item(),
     }
     result = {name: n * (row_bytes() + out_row) + header for name, n in rows.items()}
-    result["a2a_fp8"] = rows["a2a"] * (row_bytes(fp8=True) + out_row) + header
+    result["a2a_fp8"] = rows["alltoall"] * (row_bytes(fp8=True) + out_row) + header
     for name, C in (("capacity_worst", M), ("capacity_max_load", max_load)):
         result[name] = (R - 1) * ((C + 1) * row_bytes() + C * out_row) / M
-    result["a2a_remote_rows"] = rows["a2a"]
+    result["a2a_remote_rows"] = rows["alltoall"]
     result["capacity_max_load_rows"] = max_load
     return result
 
 
 def predicted_factor(num_ranks: int) -> float:
-    """allgather / a2a rows for uniform routing: 1 / (1 - q)."""
+    """allgather / alltoall rows for uniform routing: 1 / (1 - q)."""
     per_rank = NUM_EXPERTS // num_ranks
     q = math.comb(NUM_EXPERTS - per_rank, TOP_K) / math.comb(NUM_EXPERTS, TOP_K)
     return 1.0 / (1.0 - q)
@@ -105,8 +105,8 @@ def predicted_factor(num_ranks: int) -> float:
 
 
 BACKEND_CASES = [
-    ("a2a", 0, "auto"),
-    ("a2a", 0, "fp8"),
+    ("alltoall", 0, "auto"),
+    ("alltoall", 0, "fp8"),
     ("capacity", 0, "auto"),  # C = M: the worst case
     ("allgather", 0, "auto"),
 ]
@@ -117,7 +117,6 @@ def _latency_rank(rank, world_size, iters):
     import torch.distributed as dist
 
     from vllm_wideep.comm.registry import make_dispatcher
-    from vllm_wideep.plugin.config import WideEPConfig
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(rank)
@@ -128,14 +127,11 @@ def _latency_rank(rank, world_size, iters):
     out = {}
     for backend, capacity_tokens, dispatch_dtype in BACKEND_CASES:
         dispatcher = make_dispatcher(
-            WideEPConfig(
-                enabled=True,
-                a2a_backend=backend,
-                capacity_tokens=capacity_tokens,
-                dispatch_dtype=dispatch_dtype,
-            ),
+            backend,
+            capacity_tokens=capacity_tokens,
+            dispatch_dtype=dispatch_dtype,
             group=dist.group.WORLD,
-            experts_per_rank=NUM_EXPERTS // world_size,
+            slots_per_rank=NUM_EXPERTS // world_size,
             num_ranks=world_size,
             max_tokens_per_rank=TOKENS_PER_RANK,
         )
@@ -163,7 +159,7 @@ def _latency_rank(rank, world_size, iters):
 
 
 def measure_latency(world_size: int, iters: int) -> dict:
-    from vllm_wideep.testing.ranks import run_ranks
+    from tools.ranks import run_ranks
 
     return run_ranks(_latency_rank, world_size, iters)[0]
 
@@ -214,7 +210,7 @@ def fp8_accuracy(seed: int = 0) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", default="docs/results/a2a_cpu.json")
+    parser.add_argument("--json", default="docs/results/token_exchange_cpu.json")
     parser.add_argument("--tokens", type=int, default=16384, help="routed tokens sampled")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per backend")
     args = parser.parse_args()
@@ -227,8 +223,8 @@ def main() -> None:
     )
     print("Bytes per token sent to other ranks, dispatch + combine, and ratio to allgather:\n")
     header = (
-        "| routing | EP | allgather | a2a (x) | a2a fp8 (x) | capacity C=M (x) | "
-        "capacity C=max load (x) | a2a rows/token | predicted allgather/a2a |"
+        "| routing | EP | allgather | alltoall (x) | alltoall fp8 (x) | capacity C=M (x) | "
+        "capacity C=max load (x) | alltoall rows/token | predicted allgather/alltoall |"
     )
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -246,13 +242,13 @@ def main() -> None:
                 return f"{t[name] / 1024:.1f} KiB ({t[name] / ag:.3f})"
 
             print(
-                f"| {skew} | {R} | {ag / 1024:.1f} KiB | {cell('a2a')} | {cell('a2a_fp8')} | "
+                f"| {skew} | {R} | {ag / 1024:.1f} KiB | {cell('alltoall')} | {cell('a2a_fp8')} | "
                 f"{cell('capacity_worst')} | {cell('capacity_max_load')} "
                 f"| {t['a2a_remote_rows']:.2f} | {predicted:.3f} |"
             )
     print(
         "\n(x) = bytes / allgather bytes. 'predicted' is 1 / (1 - q) for uniform routing and "
-        "(R - 1) / rows per token of the zipf routing itself; ag / a2a = 1 / (x of a2a)."
+        "(R - 1) / rows per token of the zipf routing itself; ag / alltoall = 1 / (x of alltoall)."
     )
 
     latency = {}

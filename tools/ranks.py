@@ -1,5 +1,5 @@
 """Run a function on N gloo ranks on 127.0.0.1, each in its own spawned process: the
-multi-process tests (tests/dist) and the CPU benchmarks (benchmarks/a2a.py,
+multi-process tests (tests/dist) and the CPU benchmarks (benchmarks/token_exchange.py,
 eplb_overlap.py, moe_layer_profile.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import traceback
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vllm_wideep.testing.launch import free_port
+from tools.launch import free_port
 
 
 def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 300) -> None:

@@ -1,6 +1,6 @@
 """`make eval`: lm-eval accuracy of the trained tiny MoE, stock vLLM against wide EP.
 
-    python -m vllm_wideep.accuracy.eval [--model models/tiny-dsv3-tasks] [--configs NAME ...]
+    python -m tools.accuracy.eval [--model models/tiny-dsv3-tasks] [--configs NAME ...]
                                         [--limit N] [--no-inprocess] [--out docs/results]
 
 For each entry of `CONFIGS` (a row of the table): start `vllm serve MODEL <its flags>`
@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_wideep.accuracy.tasks import KINDS, TASKS_DIR, generation_rows
-from vllm_wideep.testing.launch import REPO, Server, e2e_env, run_group
+from tools.accuracy.tasks import KINDS, TASKS_DIR, generation_rows
+from tools.launch import REPO, Server, e2e_env, run_group
 
 DEFAULT_MODEL = REPO / "models" / "tiny-dsv3-tasks"
 DEFAULT_OUT = REPO / "docs" / "results"
@@ -312,7 +312,7 @@ def run_config(config: ServeConfig, model: Path, limit: int | None, load_path: P
 def run_inprocess(model: Path, limit: int | None) -> Row:
     """`lm_eval_inprocess` in a child process group (vLLM's workers die with it)."""
     row = Row(INPROCESS_NAME, "lm-eval --model vllm additional_config={'wideep': ...}")
-    cmd = [sys.executable, "-m", "vllm_wideep.accuracy.eval", "--model", str(model)]
+    cmd = [sys.executable, "-m", "tools.accuracy.eval", "--model", str(model)]
     cmd += ["--inprocess-child"] + (["--limit", str(limit)] if limit else [])
     start = time.monotonic()
     try:
@@ -386,7 +386,7 @@ def routing_summary(routing: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_wideep.accuracy.eval", description=__doc__.splitlines()[0]
+        prog="python -m tools.accuracy.eval", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--configs", nargs="*", choices=[c.name for c in CONFIGS])

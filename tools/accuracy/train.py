@@ -1,6 +1,6 @@
 """Train a tiny DeepSeek-V3 (MLA, grouped top-k MoE, one MTP layer) on the synthetic tasks.
 
-    python -m vllm_wideep.accuracy.train OUT_DIR [--steps N] [--seed S]
+    python -m tools.accuracy.train OUT_DIR [--steps N] [--seed S]
 
 writes a checkpoint that stock vLLM loads: `model.safetensors` (bfloat16), `config.json`,
 the tokenizer and `wideep_trained_model.json` (training settings, final losses, greedy
@@ -51,16 +51,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vllm_wideep.accuracy.tasks import KINDS, Item, held_out_items, training_items
+from tools.accuracy.tasks import KINDS, Item, held_out_items, training_items
+from vllm_wideep.tiny_models import (
+    EOS_TOKEN,
+    EOS_TOKEN_ID,
+    PAD_TOKEN,
+    PAD_TOKEN_ID,
+    deepseek_v3_config,
+    wrap_tokenizer,
+)
 
 if TYPE_CHECKING:
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-EOS_TOKEN_ID = 0
-PAD_TOKEN_ID = 1
 CHARS = string.digits + string.ascii_lowercase + " \n" + string.punctuation[:24]
 VOCAB: tuple[str, ...] = (EOS_TOKEN, PAD_TOKEN, *CHARS)
 assert len(VOCAB) == 64 and len(set(VOCAB)) == 64
@@ -108,20 +112,13 @@ def _byte_level(char: str) -> str:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character of `VOCAB`; token ids are positions in `VOCAB`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {_byte_level(c) if len(c) == 1 else c: i for i, c in enumerate(VOCAB)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([EOS_TOKEN, PAD_TOKEN])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        clean_up_tokenization_spaces=False,
-        model_max_length=512,
-    )
+    return wrap_tokenizer(tok, 512, clean_up_tokenization_spaces=False)
 
 
 def encode(text: str) -> list[int]:
@@ -133,40 +130,17 @@ def model_config(
     num_layers: int = NUM_LAYERS, kv_lora_rank: int = KV_LORA_RANK
 ) -> DeepseekV3Config:
     """The trained model's config with `num_layers` decoder layers (and the MLA latent
-    size `kv_lora_rank`: `TRAIN_KV_LORA_RANK` in training, `KV_LORA_RANK` in the file)."""
-    from transformers import DeepseekV3Config
-
-    config = DeepseekV3Config(
+    size `kv_lora_rank`: `TRAIN_KV_LORA_RANK` in training, `KV_LORA_RANK` in the file):
+    the tiny models' DeepSeek-V3 with this vocabulary, 512 positions, 2 heads and
+    `v_head_dim` 32."""
+    return deepseek_v3_config(
+        num_layers,
         vocab_size=len(VOCAB),
-        hidden_size=128,
-        num_hidden_layers=num_layers,
-        intermediate_size=256,  # the dense layer 0
-        moe_intermediate_size=64,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_HEADS,
-        q_lora_rank=96,
-        kv_lora_rank=kv_lora_rank,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=32,
-        v_head_dim=32,
-        n_routed_experts=16,
-        n_shared_experts=1,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
-        first_k_dense_replace=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
         max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=EOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=PAD_TOKEN_ID,
+        num_heads=NUM_HEADS,
+        v_head_dim=32,
+        kv_lora_rank=kv_lora_rank,
     )
-    config.topk_method = "noaux_tc"  # vLLM builds e_score_correction_bias only with this
-    config.scoring_func = "sigmoid"
-    return config
 
 
 def _mtp_modules(hidden: int, eps: float) -> torch.nn.ModuleDict:
@@ -524,7 +498,7 @@ def train_and_save(
 def main(argv: list[str] | None = None) -> int:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_wideep.accuracy.train",
+        prog="python -m tools.accuracy.train",
         description="Train the tiny DeepSeek-V3 on the synthetic tasks; write a vLLM checkpoint.",
     )
     parser.add_argument("out_dir", type=Path)

@@ -6,21 +6,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vllm_wideep.testing.ranks import run_ranks
+from tools.ranks import run_ranks
 from vllm_wideep.comm.packing import RowFormat
 from vllm_wideep.comm.registry import make_dispatcher
-from vllm_wideep.plugin.config import WideEPConfig
 
 HIDDEN = 16
 MAX_TOKENS = 32  # max_tokens_per_rank given to every dispatcher; no case has more
 
 # (backend, capacity_tokens, dispatch_dtype); capacity 2 forces the second round.
 BACKENDS = [
-    ("a2a", 0, "auto"),
+    ("alltoall", 0, "auto"),
     ("allgather", 0, "auto"),
     ("capacity", 0, "auto"),
     ("capacity", 2, "auto"),
-    ("a2a", 0, "fp8"),
+    ("alltoall", 0, "fp8"),
     ("capacity", 0, "fp8"),
 ]
 
@@ -114,16 +113,12 @@ def _rank_main(rank, world_size, experts_per_rank, top_k, scenario, dtype, backe
     backend, capacity_tokens, dispatch_dtype = backend_args
     case_args = (world_size, experts_per_rank, top_k, scenario)
     x, topk_ids, topk_weights, w = _case(7, rank, *case_args)
-    config = WideEPConfig(
-        enabled=True,
-        a2a_backend=backend,
+    dispatcher = make_dispatcher(
+        backend,
         capacity_tokens=capacity_tokens,
         dispatch_dtype=dispatch_dtype,
-    )
-    dispatcher = make_dispatcher(
-        config,
         group=dist.group.WORLD,
-        experts_per_rank=experts_per_rank,
+        slots_per_rank=experts_per_rank,
         num_ranks=world_size,
         max_tokens_per_rank=MAX_TOKENS,
     )

@@ -1,0 +1,80 @@
+"""`WorkerState`: everything wide EP keeps in a worker process, in one visible place.
+
+A worker builds its MoE layers (the model's, then the drafter's) under one vLLM engine
+config; each wide-EP layer registers its expert slots and its token-exchange counters
+here as it finishes loading. The balancer is made at the first engine step, once every
+model is loaded, and the metrics publisher with it. The plugin's worker extension
+(`wideep_stats`, `wideep_load`) and its per-step hook read this object; nothing else
+holds wide-EP state between calls.
+
+A process serves one engine at a time: layers built under another engine config (a new
+`LLM` in the same process) start a new state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm_wideep.comm.base import TrafficCounters
+from vllm_wideep.config import WideEPConfig
+from vllm_wideep.eplb.balancer import Balancer
+from vllm_wideep.eplb.location import ExpertSlots
+
+
+@dataclass
+class WorkerState:
+    """Wide-EP state of one worker.
+
+    engine_config: the vLLM `ParallelConfig` the layers were built under (compared by
+        identity to tell engines apart).
+    config: the validated wide-EP options.
+    slots: per MoE layer name, its expert slots on this rank (registration order).
+    traffic: per MoE layer name, its token exchange's byte counters.
+    balancer: made at the first step (`balancer_or_none`).
+    publisher: the metrics publisher (`plugin.metrics.Publisher`), made by the plugin.
+    """
+
+    engine_config: Any
+    config: WideEPConfig
+    slots: dict[str, ExpertSlots] = field(default_factory=dict)
+    traffic: dict[str, TrafficCounters] = field(default_factory=dict)
+    balancer: Balancer | None = None
+    publisher: Any = None
+
+    def balancer_or_none(self, group_factory: Callable[[], Any]) -> Balancer | None:
+        """The balancer over every registered layer, made on first use with the EP
+        process group `group_factory()` returns; None without layers."""
+        if self.balancer is None and self.slots:
+            self.balancer = Balancer(list(self.slots.values()), self.config, group_factory())
+        return self.balancer
+
+
+_current: WorkerState | None = None
+# Called when the first wide-EP layer of an engine registers: the plugin installs its
+# worker-side vLLM hooks from here (only workers build MoE layers). Each must be idempotent.
+on_first_layer: list[Callable[[], None]] = []
+
+
+def register_layer(
+    engine_config: Any, config: WideEPConfig, slots: ExpertSlots, traffic: TrafficCounters
+) -> WorkerState:
+    """Add a layer that finished loading; a layer of the same name (a weight reload)
+    replaces its earlier registration."""
+    global _current
+    if _current is None or _current.engine_config is not engine_config:
+        _current = WorkerState(engine_config, config)
+        for callback in on_first_layer:
+            callback()
+    _current.slots[slots.layer_name] = slots
+    _current.traffic[slots.layer_name] = traffic
+    _current.balancer = None  # rebuilt over the new layer set at the next step
+    return _current
+
+
+def worker_state(engine_config: Any) -> WorkerState | None:
+    """This engine's state, or None if it has no wide-EP layer (in this process)."""
+    if _current is None or _current.engine_config is not engine_config:
+        return None
+    return _current

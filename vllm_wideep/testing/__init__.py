@@ -1,1 +1,0 @@
-"""Helpers for the tests and the accuracy runner: start vLLM servers safely (`launch`)."""
