@@ -152,7 +152,10 @@ class WideEPLayer:
         )
         # `WideEPExperts.apply` reads only these attributes of its instance.
         self.experts_state = types.SimpleNamespace(
-            backend="torch", tokens_per_slot=slots.tokens_per_slot, weight_cache=WeightCache()
+            backend="torch",
+            tokens_per_slot=slots.tokens_per_slot,
+            weight_cache=WeightCache(),
+            fp8=None,
         )
         self.num_experts = E
 
@@ -257,7 +260,7 @@ def time_exchange_parts(wide: WideEPLayer, x, topk_weights, topk_ids) -> dict[st
     t.append(time.perf_counter())
     recv, exchange = exchange_rows(send, plan.send_counts, d.group)
     t.append(time.perf_counter())
-    hidden, _, _ = fmt.unpack(recv)
+    hidden, _, _, _ = fmt.unpack(recv)
     t.append(time.perf_counter())
     returned = return_rows(hidden, exchange, d.group)  # stands in for the experts' rows
     t.append(time.perf_counter())

@@ -10,7 +10,7 @@ Data path of one MoE layer (one package per stage):
     layer/ adapts the stages to vLLM's MoE kernel API; plugin/ is the vLLM glue.
 
 Package layers, each importing only those below it (checked by `make lint`):
-    plugin/ -> layer/ -> eplb/ -> kernels/ | comm/ -> config.py
+    plugin/ -> layer/ -> eplb/ -> comm/ -> kernels/ -> config.py
 and beside them the user tools planner/, cli.py, tiny_models.py (no vLLM glue).
 
 Glossary, used in every docstring (worked example: DeepSeek-V3, 256 routed experts,

@@ -7,7 +7,9 @@ on a built-in corpus, a chat template and a generation config. The same
 
     python -m vllm_wideep.tiny_models OUT_DIR --arch deepseek_v3 [--dtype bfloat16] [--seed 0]
 
-or, from Python, ``build_tiny_model(out_dir, "qwen3_moe")``.
+or, from Python, ``build_tiny_model(out_dir, "qwen3_moe")``. FP8 checkpoints (see "FP8"
+below) come with ``--quant fp8|compressed-tensors [--quant-scope experts|all]`` or
+``build_fp8_model(out_dir, "deepseek_v3_fp8", fmt=..., scope=...)``.
 
 Architectures (``TINY_ARCHES``):
 
@@ -18,6 +20,8 @@ deepseek_v3     DeepseekV3ForCausalLM   3 + 1   layer 0 dense, layers 1-2 MoE: 1
                                         MTP     top-4, n_group 4 / topk_group 2, noaux_tc, sigmoid
 deepseek_v3_    DeepseekV3ForCausalLM   3 + 1   as deepseek_v3, with an MTP layer whose drafts are
 mtp                                     MTP     often accepted (see below)
+deepseek_v3_    DeepseekV3ForCausalLM   3 + 1   as deepseek_v3, with every size of a Linear a
+fp8                                     MTP     multiple of the 128 x 128 FP8 block (see "FP8")
 qwen3_moe       Qwen3MoeForCausalLM     2       16, top-4
 mixtral         MixtralForCausalLM      2       8, top-2
 dense           Qwen3ForCausalLM        2       none (for "this model has no experts" checks)
@@ -72,6 +76,49 @@ Checkpoints are saved with ``save_pretrained`` (safetensors). transformers 5.19
 keeps experts fused in memory (``experts.gate_up_proj`` ``[E, 2 * I, H]``) and
 writes them per expert (``mlp.experts.{e}.gate_proj.weight``, Mixtral
 ``block_sparse_moe.experts.{e}.w1.weight``), which is what vLLM's loaders read.
+
+FP8. ``build_fp8_model`` writes the weights of ``build_tiny_model(arch, dtype, seed)``
+with some Linear weights quantized to float8 e4m3 in 128 x 128 blocks
+(``kernels.fp8.quantize_block_fp8``), and beside it, in ``dequantized_dir(out_dir)``
+(``<out_dir>-dequant``), the same checkpoint with each of those weights replaced by
+``dequantize_block_fp8(q, scale)`` cast to ``dtype`` and no ``quantization_config``:
+stock vLLM on CPU runs that copy as the reference. ``scope``:
+
+* ``"experts"``: the routed experts' ``gate_proj``, ``up_proj``, ``down_proj``;
+* ``"all"``: every Linear but the routers (``mlp.gate``), ``lm_head``, and the MTP
+  layer's ``eh_proj`` (a plain ``nn.Linear`` in vLLM) and ``shared_head.head``, as
+  DeepSeek-V3 ships.
+
+``fmt``, for a quantized weight ``W [out, in]`` with scales ``[ceil(out / 128),
+ceil(in / 128)]`` float32:
+
+==================  ===========================  ==========================================
+fmt                 tensors                      ``quantization_config``
+==================  ===========================  ==========================================
+fp8                 ``W.weight`` float8_e4m3fn,  ``quant_method "fp8"``, ``weight_block_size
+                    ``W.weight_scale_inv``       [128, 128]``, ``modules_to_not_convert``
+                                                 (DeepSeek-V3's format)
+compressed-tensors  ``W.weight`` float8_e4m3fn,  ``config_groups``: FP8 block weights,
+                    ``W.weight_scale``           dynamic per-128-group activations;
+                                                 ``ignore`` (llm-compressor's FP8_BLOCK)
+==================  ===========================  ==========================================
+
+Both lists of unquantized Linears hold exact module names: the checkpoint's
+(``model.layers.0.self_attn.q_a_proj``) and, where vLLM fuses two of them into one
+module, vLLM's (``self_attn.fused_qkv_a_proj``, ``mlp.gate_up_proj``, from
+``DeepseekV2ForCausalLM.packed_modules_mapping``): vLLM's ``Fp8Config`` and
+``CompressedTensorsConfig`` match its own module prefixes exactly, and fall back to the
+parts of a fused module.
+
+vLLM's block-FP8 loader needs each quantized weight's input size, and its output size
+unless it is the last part of a fused module, to be a multiple of 128; hence
+``deepseek_v3_fp8``: ``moe_intermediate_size`` 128, ``q_lora_rank`` 128,
+``qk_nope_head_dim`` 64 (``q_b_proj`` and ``kv_b_proj`` ``[512, *]``, ``o_proj``
+``[128, 256]``), and ``kv_a_proj_with_mqa`` ``[576, 128]``, the last part of vLLM's
+``fused_qkv_a_proj`` ``[128 + 576, 128]``. Under tensor parallelism every shard must be
+a multiple of 128 too: the attention and the dense MLP allow TP 2; the 128-wide experts
+need expert parallelism beyond TP 1, and ``scope="all"`` (the 128-wide shared expert)
+needs TP 1.
 """
 
 from __future__ import annotations
@@ -80,9 +127,10 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -92,9 +140,16 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-TinyArch = Literal["deepseek_v3", "deepseek_v3_mtp", "qwen3_moe", "mixtral", "dense"]
+TinyArch = Literal[
+    "deepseek_v3", "deepseek_v3_mtp", "deepseek_v3_fp8", "qwen3_moe", "mixtral", "dense"
+]
 TINY_ARCHES: tuple[str, ...] = get_args(TinyArch)
 TINY_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+Fp8Format = Literal["fp8", "compressed-tensors"]
+FP8_FORMATS: tuple[str, ...] = get_args(Fp8Format)
+Fp8Scope = Literal["experts", "all"]
+FP8_SCOPES: tuple[str, ...] = get_args(Fp8Scope)
+FP8_BLOCK = 128  # rows and columns of weight per FP8 scale (kernels.fp8.BLOCK)
 
 VOCAB_SIZE = 1024
 HIDDEN_SIZE = 128
@@ -147,24 +202,28 @@ def deepseek_v3_config(
     num_heads: int = 4,
     v_head_dim: int = 64,
     kv_lora_rank: int = 512,
+    q_lora_rank: int = 96,
+    qk_nope_head_dim: int = 32,
+    moe_intermediate_size: int = 64,
 ) -> PretrainedConfig:
     """DeepSeek-V3 in miniature with ``num_layers`` decoder layers: layer 0 dense, the
     others MoE (16 routed experts in 4 groups, top-4 of the 2 best groups, sigmoid
     scores, ``noaux_tc``, 1 shared expert). The keywords are the sizes in which the tiny
-    models (the defaults) and the trained one (``tools/accuracy/train.py``) differ."""
+    models (the defaults), ``deepseek_v3_fp8`` and the trained one
+    (``tools/accuracy/train.py``) differ."""
     from transformers import DeepseekV3Config
 
     config = DeepseekV3Config(
         **{**_COMMON, "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings},
         num_hidden_layers=num_layers,
         intermediate_size=256,  # the dense layer 0
-        moe_intermediate_size=64,
+        moe_intermediate_size=moe_intermediate_size,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        q_lora_rank=96,
+        q_lora_rank=q_lora_rank,
         kv_lora_rank=kv_lora_rank,  # 512 + 64 = 576, the only size CPU MLA supports
         qk_rope_head_dim=64,
-        qk_nope_head_dim=32,
+        qk_nope_head_dim=qk_nope_head_dim,
         v_head_dim=v_head_dim,
         n_routed_experts=16,
         n_shared_experts=1,
@@ -178,6 +237,14 @@ def deepseek_v3_config(
     config.topk_method = "noaux_tc"  # vLLM builds e_score_correction_bias only with this
     config.scoring_func = "sigmoid"
     return config
+
+
+def _deepseek_v3_fp8_config(num_layers: int) -> PretrainedConfig:
+    """``deepseek_v3`` with every size of a quantized Linear a multiple of ``FP8_BLOCK``
+    (module docstring, "FP8")."""
+    return deepseek_v3_config(
+        num_layers, q_lora_rank=128, qk_nope_head_dim=64, moe_intermediate_size=128
+    )
 
 
 def _qwen3_moe_config(num_layers: int) -> PretrainedConfig:
@@ -247,6 +314,9 @@ _ARCH_SPECS: dict[str, _ArchSpec] = {
         3,
         num_mtp_layers=1,
         edit_weights=lambda tensors, num_layers: _make_mtp_friendly(tensors, num_layers),
+    ),
+    "deepseek_v3_fp8": _ArchSpec(
+        "DeepseekV3ForCausalLM", _deepseek_v3_fp8_config, 3, num_mtp_layers=1
     ),
     "qwen3_moe": _ArchSpec("Qwen3MoeForCausalLM", _qwen3_moe_config, 2),
     "mixtral": _ArchSpec("MixtralForCausalLM", _mixtral_config, 2),
@@ -620,22 +690,40 @@ def build_tiny_model(
     model's stamp is replaced; a non-empty folder without a stamp is refused.
     The folder appears atomically (built next to it, then renamed).
     """
+    _check_arch_and_dtype(arch, dtype)
+    out = Path(out_dir).absolute()
+    stamp = _stamp(arch, dtype, seed)
+    if _is_current(out, stamp):
+        return out
+    return _publish(out, stamp, lambda tmp: _write_model(tmp, arch, dtype, seed))
+
+
+def _check_arch_and_dtype(arch: str, dtype: str) -> None:
     _arch_spec(arch)
     if dtype not in TINY_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {TINY_DTYPES}")
-    out = Path(out_dir).absolute()
-    stamp = _stamp(arch, dtype, seed)
-    if _read_stamp(out) == stamp:
-        return out
-    if out.exists() and any(out.iterdir()) and _read_stamp(out) is None:
+
+
+def _is_current(out: Path, stamp: dict[str, Any]) -> bool:
+    """Whether ``out`` holds the checkpoint ``stamp`` describes; raises if ``out`` is a
+    non-empty folder that is no tiny model (no stamp), which is never overwritten."""
+    found = _read_stamp(out)
+    if found == stamp:
+        return True
+    if found is None and out.exists() and any(out.iterdir()):
         raise FileExistsError(
             f"{out} is not empty and holds no {STAMP_FILE}; refusing to overwrite it"
         )
+    return False
 
+
+def _publish(out: Path, stamp: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """Make ``out`` the folder that ``write(tmp)`` fills, plus ``stamp``, atomically: it is
+    built next to ``out`` and renamed; an ``out`` with another stamp is replaced."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_model(tmp, arch, dtype, seed)
+        write(tmp)
         (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         for path in tmp.iterdir():  # mkdtemp and save_file create owner-only modes
             path.chmod(0o644)
@@ -654,6 +742,226 @@ def build_tiny_model(
     return out
 
 
+# --------------------------------------------------------------------------- #
+# FP8
+# --------------------------------------------------------------------------- #
+
+# Linear weights that stay unquantized in every scope: the router, the output heads and
+# the MTP layer's eh_proj (vLLM builds it as a plain nn.Linear, which takes no scales).
+_NEVER_QUANTIZED = re.compile(r"(^lm_head|\.shared_head\.head|\.eh_proj|\.mlp\.gate)\.weight$")
+_ROUTED_EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+# vLLM module -> the checkpoint modules it fuses (DeepseekV2ForCausalLM.packed_modules_mapping
+# with a q_lora_rank); the routed experts, fused into one FusedMoE, are always quantized.
+_VLLM_FUSED_MODULES: dict[str, tuple[str, ...]] = {
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+# The scale that goes with FP8 weight ``X.weight`` in each format: ``X.<suffix>``.
+_SCALE_SUFFIX = {"fp8": "weight_scale_inv", "compressed-tensors": "weight_scale"}
+assert set(_SCALE_SUFFIX) == set(FP8_FORMATS), (_SCALE_SUFFIX, FP8_FORMATS)
+# The one quantized weight whose output size may be off the block: the last part of
+# vLLM's fused_qkv_a_proj, kv_lora_rank + qk_rope_head_dim = 576 rows.
+_LAST_FUSED_PART = ".self_attn.kv_a_proj_with_mqa.weight"
+
+
+def dequantized_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Where ``build_fp8_model(out_dir, ...)`` writes the dequantized copy: the sibling
+    folder ``<out_dir>-dequant``."""
+    out = Path(out_dir).absolute()
+    return out.with_name(out.name + "-dequant")
+
+
+def fp8_quantized_weights(tensors: Mapping[str, torch.Tensor], scope: str) -> list[str]:
+    """The names of the weights in a DeepSeek-V3 checkpoint ``tensors`` that ``scope``
+    quantizes (module docstring, "FP8"), sorted."""
+    if scope not in FP8_SCOPES:
+        raise ValueError(f"unknown FP8 scope {scope!r}; expected one of {FP8_SCOPES}")
+    if scope == "experts":
+        return sorted(name for name in tensors if _ROUTED_EXPERT.search(name))
+    return sorted(name for name in _linear_weights(tensors) if not _NEVER_QUANTIZED.search(name))
+
+
+def fp8_unquantized_modules(tensors: Mapping[str, torch.Tensor], quantized: list[str]) -> list[str]:
+    """The module names of the Linears of ``tensors`` not in ``quantized``, for a
+    ``modules_to_not_convert`` or ``ignore`` list: each checkpoint name and, where vLLM
+    fuses modules all of which stay unquantized, vLLM's fused name; sorted."""
+    skipped = {name.removesuffix(".weight") for name in _linear_weights(tensors)}
+    skipped -= {name.removesuffix(".weight") for name in quantized}
+    fused = set()
+    for module in skipped:
+        parent, _, leaf = module.rpartition(".")
+        for fused_leaf, parts in _VLLM_FUSED_MODULES.items():
+            if leaf == parts[0] and all(f"{parent}.{part}" in skipped for part in parts):
+                fused.add(f"{parent}.{fused_leaf}")
+    return sorted(skipped | fused)
+
+
+def fp8_quantization_config(fmt: str, ignore: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json`` for ``fmt`` with the unquantized
+    Linears ``ignore`` (exact module names)."""
+    if fmt == "fp8":
+        return {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+            "modules_to_not_convert": ignore,
+        }
+    if fmt == "compressed-tensors":
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": {
+                        "num_bits": 8,
+                        "type": "float",
+                        "symmetric": True,
+                        "strategy": "block",
+                        "block_structure": [FP8_BLOCK, FP8_BLOCK],
+                        "dynamic": False,
+                    },
+                    "input_activations": {
+                        "num_bits": 8,
+                        "type": "float",
+                        "symmetric": True,
+                        "strategy": "group",
+                        "group_size": FP8_BLOCK,
+                        "dynamic": True,
+                    },
+                }
+            },
+            "ignore": ignore,
+        }
+    raise ValueError(f"unknown FP8 format {fmt!r}; expected one of {FP8_FORMATS}")
+
+
+def fp8_scale_name(weight_name: str, fmt: str) -> str:
+    """The scale tensor that goes with FP8 weight ``weight_name`` (``X.weight``):
+    ``X.weight_scale_inv`` (``fp8``) or ``X.weight_scale`` (``compressed-tensors``)."""
+    if fmt not in _SCALE_SUFFIX:
+        raise ValueError(f"unknown FP8 format {fmt!r}; expected one of {FP8_FORMATS}")
+    return weight_name.removesuffix("weight") + _SCALE_SUFFIX[fmt]
+
+
+def build_fp8_model(
+    out_dir: str | os.PathLike[str],
+    arch: str,
+    *,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    fmt: str = "fp8",
+    scope: str = "experts",
+) -> Path:
+    """Write the FP8 checkpoint of ``build_tiny_model(arch, dtype, seed)`` into
+    ``out_dir``, and its dequantized copy into ``dequantized_dir(out_dir)``; return
+    ``out_dir``'s path (module docstring, "FP8").
+
+    ``fmt``: ``"fp8"`` (DeepSeek's) or ``"compressed-tensors"`` (llm-compressor's).
+    ``scope``: ``"experts"`` (routed experts only) or ``"all"`` (every Linear but the
+    routers and heads). The weights stay in ``dtype`` except the quantized ones: float8
+    e4m3 plus float32 scales in ``out_dir``, ``dequantize_block_fp8(q, scale)`` cast to
+    ``dtype`` in the copy. Each folder is stamped and written as ``build_tiny_model``
+    writes its one (idempotent, atomic, never over a foreign folder).
+    """
+    _check_arch_and_dtype(arch, dtype)
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"unknown FP8 format {fmt!r}; expected one of {FP8_FORMATS}")
+    if scope not in FP8_SCOPES:
+        raise ValueError(f"unknown FP8 scope {scope!r}; expected one of {FP8_SCOPES}")
+    if _arch_spec(arch).model_class != "DeepseekV3ForCausalLM":
+        raise ValueError(f"FP8 checkpoints are DeepSeek-V3 only; {arch!r} is not")
+    out, copy = Path(out_dir).absolute(), dequantized_dir(out_dir)
+    quantization = {"format": fmt, "scope": scope}
+    stamps = {
+        out: {**_stamp(arch, dtype, seed), "fp8": {**quantization, "role": "fp8"}},
+        copy: {**_stamp(arch, dtype, seed), "fp8": {**quantization, "role": "dequantized"}},
+    }
+    if all([_is_current(path, stamp) for path, stamp in stamps.items()]):  # both checked
+        return out
+
+    from safetensors.torch import load_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.plain.", dir=out.parent) as work:
+        plain = Path(work)
+        _write_model(plain, arch, dtype, seed)
+        tensors = load_file(plain / "model.safetensors")
+        quantized = fp8_quantized_weights(tensors, scope)
+        _check_fp8_shapes(tensors, quantized, arch)
+        fp8_tensors, dequantized = _quantize(tensors, quantized, fmt)
+        config = json.loads((plain / "config.json").read_text())
+        config["quantization_config"] = fp8_quantization_config(
+            fmt, fp8_unquantized_modules(tensors, quantized)
+        )
+        _publish(copy, stamps[copy], lambda tmp: _write_variant(tmp, plain, dequantized))
+        _publish(out, stamps[out], lambda tmp: _write_variant(tmp, plain, fp8_tensors, config))
+    return out
+
+
+def _linear_weights(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every Linear's weight: the 2-D ``*.weight`` tensors but the embeddings."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if name.endswith(".weight") and tensor.dim() == 2 and "embed_tokens" not in name
+    ]
+
+
+def _check_fp8_shapes(tensors: Mapping[str, torch.Tensor], quantized: list[str], arch: str) -> None:
+    """vLLM's block-FP8 loader needs the sizes of every quantized weight ``[out, in]`` to
+    be multiples of the block, but the output size of a fused module's last part."""
+    off_block = [
+        f"{name} {list(tensors[name].shape)}"
+        for name in quantized
+        if tensors[name].shape[1] % FP8_BLOCK
+        or (tensors[name].shape[0] % FP8_BLOCK and not name.endswith(_LAST_FUSED_PART))
+    ]
+    if off_block:
+        raise ValueError(
+            f"{arch!r} has weights off the {FP8_BLOCK} x {FP8_BLOCK} FP8 block, which vLLM "
+            f"cannot load (use 'deepseek_v3_fp8'): {', '.join(off_block[:4])}"
+            + (f" and {len(off_block) - 4} more" if len(off_block) > 4 else "")
+        )
+
+
+def _quantize(
+    tensors: dict[str, torch.Tensor], quantized: list[str], fmt: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the FP8 checkpoint's tensors, the dequantized copy's) from ``tensors``."""
+    from vllm_wideep.kernels.fp8 import dequantize_block_fp8, quantize_block_fp8
+
+    block = (FP8_BLOCK, FP8_BLOCK)
+    fp8_tensors, dequantized = dict(tensors), dict(tensors)
+    for name in quantized:
+        q, scale = quantize_block_fp8(tensors[name], block)
+        fp8_tensors[name] = q.contiguous()
+        fp8_tensors[fp8_scale_name(name, fmt)] = scale.contiguous()
+        dequantized[name] = dequantize_block_fp8(q, scale, block).to(tensors[name].dtype)
+    return fp8_tensors, dequantized
+
+
+def _write_variant(
+    tmp: Path,
+    plain: Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any] | None = None,
+) -> None:
+    """The checkpoint in ``plain`` with weights ``tensors`` and, if given, ``config``."""
+    from safetensors.torch import save_file
+
+    for path in plain.iterdir():
+        if path.name not in ("model.safetensors", "config.json", STAMP_FILE):
+            shutil.copyfile(path, tmp / path.name)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    if config is None:
+        shutil.copyfile(plain / "config.json", tmp / "config.json")
+    else:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vllm_wideep.tiny_models",
@@ -663,8 +971,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", required=True, choices=TINY_ARCHES)
     parser.add_argument("--dtype", default="bfloat16", choices=TINY_DTYPES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quant",
+        choices=FP8_FORMATS,
+        help="write an FP8 checkpoint in this format, and its dequantized copy in OUT_DIR-dequant",
+    )
+    parser.add_argument(
+        "--quant-scope",
+        choices=FP8_SCOPES,
+        help="which Linears --quant quantizes: the routed experts (default) or all",
+    )
     args = parser.parse_args(argv)
-    print(build_tiny_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed))
+    if args.quant is None:
+        if args.quant_scope is not None:
+            parser.error("--quant-scope needs --quant")
+        print(build_tiny_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed))
+        return 0
+    out = build_fp8_model(
+        args.out_dir,
+        args.arch,
+        dtype=args.dtype,
+        seed=args.seed,
+        fmt=args.quant,
+        scope=args.quant_scope or "experts",
+    )
+    print(out)
+    print(dequantized_dir(out))
     return 0
 
 

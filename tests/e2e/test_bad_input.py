@@ -207,3 +207,32 @@ def test_redundant_experts_not_divisible_by_ep_size_is_refused(engine_config, ti
     options = {"wideep": {"enabled": True, "redundant_experts": 3}}
     with pytest.raises(ValueError, match="must be a multiple of the EP size 2"):
         engine_config(tiny_model("mixtral"), data_parallel_size=2, additional_config=options)
+
+
+# Quantization formats wide EP does not run: each refused before any weight loads, naming
+# the format and the supported ones (the weights are never read: config.json alone).
+UNSUPPORTED_QUANTIZATION = {
+    "fp8 with weight_block_size None": {"quant_method": "fp8", "activation_scheme": "dynamic"},
+    "mxfp4": {"quant_method": "mxfp4"},
+    "auto_gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True},
+    "modelopt_fp4": {"quant_method": "modelopt", "quant_algo": "NVFP4"},
+}
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED_QUANTIZATION)
+def test_unsupported_quantization_is_refused_naming_it(engine_config, tiny_model, tmp_path, name):
+    source = Path(tiny_model("mixtral"))
+    model = tmp_path / "quantized"
+    model.mkdir()
+    for path in source.iterdir():
+        if path.name != "config.json":
+            (model / path.name).symlink_to(path)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = UNSUPPORTED_QUANTIZATION[name]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as error:
+        engine_config(str(model), additional_config=WIDEEP)
+    message = str(error.value)
+    assert f"its checkpoint is quantized as {name}." in message
+    assert "Supported checkpoints: unquantized" in message and "fp8 with 128x128" in message

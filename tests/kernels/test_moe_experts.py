@@ -96,31 +96,10 @@ def test_triton_one_hot_expert_spans_tiles(layout):
     assert_close(run_triton((x, w13, w2, weights, ids), layout), x, w13, w2, weights, ids)
 
 
-@pytest.fixture
-def vllm_cpu_ops():
-    """vLLM's CPU ops (``torch.ops._C.cpu_fused_moe``), loaded as vLLM's CPU platform does."""
-    pytest.importorskip("vllm")
-    from vllm.platforms import current_platform
-
-    current_platform.import_kernels()
-    if not hasattr(torch.ops._C, "cpu_fused_moe"):
-        pytest.skip("vLLM's CPU MoE kernel is not available in this vLLM build")
-
-
 # The torch backend's three paths: vLLM's fused CPU kernel (few pairs per expert, when
-# vLLM's CPU ops are loaded), else one of two GEMM paths by problem size.
+# vLLM's CPU ops are loaded), else one of two GEMM paths by problem size (forced with the
+# `force_torch_path` fixture of conftest.py).
 GEMMS = ["grouped_mm", "per_expert", "vllm_kernel"]
-
-
-def force_path(gemm, monkeypatch, request, x, w13, w2):
-    vllm_rows = 1 << 30 if gemm == "vllm_kernel" else -1
-    monkeypatch.setattr(torch_experts, "VLLM_KERNEL_MAX_ROWS_PER_EXPERT", vllm_rows)
-    threshold = torch_experts.GROUPED_MM_MAX_WORK if gemm == "grouped_mm" else -1
-    monkeypatch.setattr(torch_experts, "GROUPED_MM_MAX_WORK", threshold)
-    if gemm == "vllm_kernel":
-        request.getfixturevalue("vllm_cpu_ops")
-        if torch_experts._vllm_isa(x, w13, w2) is None:
-            pytest.skip("vLLM's kernel needs H and I multiples of 32")
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
@@ -128,21 +107,21 @@ def force_path(gemm, monkeypatch, request, x, w13, w2):
     "shape", [(1, 32, 32, 1, 1), (37, 64, 48, 8, 8), (70, 96, 80, 64, 6), (16, 128, 64, 16, 4)]
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_torch_backend_matches_reference(shape, dtype, gemm, monkeypatch, request):
+def test_torch_backend_matches_reference(shape, dtype, gemm, force_torch_path):
     # The backend picks its path by problem size; force each path on the same inputs.
     inputs = [t.cpu() for t in make_inputs(*shape, dtype=dtype, seed=3)]
-    force_path(gemm, monkeypatch, request, *inputs[:3])
+    force_torch_path(gemm, *inputs[:3])
     assert_close(moe_experts(*inputs, backend="torch"), *inputs)
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
 @pytest.mark.parametrize("rows", [1, 5])
-def test_torch_backend_reads_rows_of_a_wider_buffer(rows, gemm, monkeypatch, request):
+def test_torch_backend_reads_rows_of_a_wider_buffer(rows, gemm, force_torch_path):
     """Tokens as a column slice of a wider buffer (as the dispatch hands them over: row
     stride H + 2k). One row of it passes `is_contiguous()` with that stride, which vLLM's
     kernel refuses: it crashed a server once."""
     x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(rows, 64, 32, 4, 2, torch.bfloat16)]
-    force_path(gemm, monkeypatch, request, x, w13, w2)
+    force_torch_path(gemm, x, w13, w2)
     wide = torch.cat([x, torch.zeros(rows, 4, dtype=x.dtype)], dim=1)[:, :64]
     assert wide.stride() == (68, 1)
     out = moe_experts(wide, w13, w2, weights, ids, backend="torch")
@@ -150,11 +129,11 @@ def test_torch_backend_reads_rows_of_a_wider_buffer(rows, gemm, monkeypatch, req
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_torch_backend_dropped_rows_are_zero(gemm, monkeypatch, request):
+def test_torch_backend_dropped_rows_are_zero(gemm, force_torch_path):
     """Tokens with no pair on this rank get exactly 0, in every path (vLLM's kernel gets
     their pairs rerouted with weight 0)."""
     x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(10, 64, 32, 4, 2, torch.bfloat16)]
-    force_path(gemm, monkeypatch, request, x, w13, w2)
+    force_torch_path(gemm, x, w13, w2)
     ids[::3] = -1
     out = moe_experts(x, w13, w2, weights, ids, backend="torch")
     assert torch.equal(out[::3], torch.zeros_like(out[::3]))
@@ -162,12 +141,12 @@ def test_torch_backend_dropped_rows_are_zero(gemm, monkeypatch, request):
 
 
 @pytest.mark.parametrize("gemm", GEMMS)
-def test_torch_backend_weight_cache_until_cleared(gemm, monkeypatch, request):
+def test_torch_backend_weight_cache_until_cleared(gemm, force_torch_path):
     """The CPU backend keeps transformed weights (an fp32 copy of bf16 weights, vLLM's
     prepacked layout) in the caller's cache: reused until the owner clears it, and after
     `clear()` an in-place slot write (what an EPLB move commits) reaches the next call."""
     x, w13, w2, weights, ids = [t.cpu() for t in make_inputs(12, 64, 64, 4, 2, torch.bfloat16)]
-    force_path(gemm, monkeypatch, request, x, w13, w2)
+    force_torch_path(gemm, x, w13, w2)
     cache = torch_experts.WeightCache()
     ids[:, 0] = 1  # every token uses slot 1, the one rewritten below
     before = moe_experts(x, w13, w2, weights, ids, backend="torch", cache=cache)

@@ -14,6 +14,12 @@ pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 
 from tools.accuracy import eval as acc_eval  # noqa: E402
+from tools.accuracy.fp8 import (  # noqa: E402
+    Fp8ExpertsModel,
+    pad_moe_intermediate,
+    padded_size,
+    write_fp8_experts_model,
+)
 from tools.accuracy.tasks import (  # noqa: E402
     DATA_DIR,
     EVAL_ITEMS_PER_TASK,
@@ -269,3 +275,112 @@ def test_targets_and_table() -> None:
     assert len(acc_eval.check_targets([weak])) == len(tasks)
     lines = acc_eval.table([stock, close]).splitlines()
     assert lines[0].startswith("| config | add |") and "94.5" in lines[3]
+
+
+def test_targets_compare_fp8_wide_ep_with_stock_on_the_dequantized_copy() -> None:
+    tasks = list(acc_eval.METRICS)
+    dequant = acc_eval.Row(acc_eval.FP8_BASELINE, "", scores=dict.fromkeys(tasks, 0.8))
+    fp8 = acc_eval.Row("wide-EP, FP8", "", scores=dict.fromkeys(tasks, 0.805))
+    assert acc_eval.check_targets([dequant, fp8]) == []  # no stock row needed, none below 90 %
+    stock = acc_eval.Row("stock", "", scores=dict.fromkeys(tasks, 1.0))
+    assert acc_eval.check_targets([stock, dequant, fp8]) == []
+    far = acc_eval.Row("wide-EP, FP8", "", scores={**dict.fromkeys(tasks, 0.8), tasks[1]: 0.75})
+    assert acc_eval.check_targets([stock, dequant, far]) == [
+        f"wide-EP, FP8 {tasks[1]}: 5.0 points from {acc_eval.FP8_BASELINE}"
+    ]
+    assert acc_eval.check_targets([stock, fp8]) == [
+        f"no {acc_eval.FP8_BASELINE} scores to compare wide-EP, FP8 with"
+    ]
+    lines = acc_eval.table([stock, dequant, fp8]).splitlines()
+    assert lines[3].startswith(f"| {acc_eval.FP8_BASELINE} | 80.0 |") and "80.5" in lines[4]
+
+
+# --------------------------------------------------------------------------- FP8 experts
+
+
+@pytest.fixture(scope="module")
+def fp8_experts(tmp_path_factory: pytest.TempPathFactory) -> Fp8ExpertsModel:
+    return write_fp8_experts_model(COMMITTED_MODEL, tmp_path_factory.mktemp("fp8") / "m-fp8")
+
+
+def test_padded_experts_compute_the_same(tmp_path: Path) -> None:
+    """The committed model and its experts padded to 128 units (unquantized): the same
+    logits in float32 (transformers' forward)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV3ForCausalLM
+
+    config = json.loads((COMMITTED_MODEL / "config.json").read_text())
+    tensors = load_file(COMMITTED_MODEL / "model.safetensors")
+    padded = pad_moe_intermediate(tensors, config, padded_size(config["moe_intermediate_size"]))
+    assert padded["model.layers.1.mlp.experts.3.gate_proj.weight"].shape == (128, 128)
+    assert padded["model.layers.2.mlp.experts.3.down_proj.weight"].shape == (128, 128)
+    assert padded["model.layers.1.mlp.shared_experts.up_proj.weight"].shape == (128, 128)
+    assert (
+        padded["model.layers.1.self_attn.o_proj.weight"]
+        is tensors["model.layers.1.self_attn.o_proj.weight"]
+    )
+    save_file(padded, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 128}))
+
+    ids = torch.tensor([encode("48+57=501\ncpy kqzd=kqzd\nnxt kqzd=lrae\ndig 482915:max=9")])
+    logits = []
+    for folder in (COMMITTED_MODEL, tmp_path):
+        model = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert model.config.moe_intermediate_size == (64 if folder == COMMITTED_MODEL else 128)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_experts_dequantize_to_the_copy(fp8_experts: Fp8ExpertsModel) -> None:
+    import torch
+
+    from vllm_wideep.kernels.fp8 import dequantize_block_fp8
+
+    configs = [json.loads((d / "config.json").read_text()) for d in fp8_experts]
+    assert configs[0].pop("quantization_config")["modules_to_not_convert"]
+    assert configs[0] == configs[1] and configs[1]["moe_intermediate_size"] == 128
+    quant = json.loads((fp8_experts.fp8 / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "fp8" and quant["weight_block_size"] == [128, 128]
+    ignored = set(quant["modules_to_not_convert"])
+    assert "model.layers.1.mlp.shared_experts.gate_up_proj" in ignored
+    assert not any(".mlp.experts." in name for name in ignored)
+
+    with (
+        safe_open(fp8_experts.fp8 / "model.safetensors", "pt") as fp8,
+        safe_open(fp8_experts.dequantized / "model.safetensors", "pt") as copy,
+    ):
+        copy_names = set(copy.keys())  # noqa: SIM118 (safe_open is no dict)
+        scales = {n for n in fp8.keys() if n.endswith("_scale_inv")}  # noqa: SIM118
+        assert set(fp8.keys()) == copy_names | scales  # noqa: SIM118
+        expected = {
+            f"model.layers.{layer}.mlp.experts.{e}.{p}_proj.weight_scale_inv"
+            for layer in (1, 2, 3)  # 3: the MTP layer
+            for e in range(16)
+            for p in ("gate", "up", "down")
+        }
+        assert scales == expected
+        for name in sorted(copy_names):
+            want = copy.get_tensor(name)
+            if name + "_scale_inv" in scales:
+                q, scale = fp8.get_tensor(name), fp8.get_tensor(name + "_scale_inv")
+                assert q.dtype == torch.float8_e4m3fn and scale.shape == (1, 1)
+                got = dequantize_block_fp8(q, scale).to(want.dtype)
+            else:
+                got = fp8.get_tensor(name)
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+def test_fp8_experts_are_written_once(fp8_experts: Fp8ExpertsModel, tmp_path: Path) -> None:
+    digests = [_digests(d) for d in fp8_experts]
+    mtimes = [(d / "model.safetensors").stat().st_mtime_ns for d in fp8_experts]
+    assert write_fp8_experts_model(COMMITTED_MODEL, fp8_experts.fp8) == fp8_experts
+    assert [(d / "model.safetensors").stat().st_mtime_ns for d in fp8_experts] == mtimes
+    again = write_fp8_experts_model(COMMITTED_MODEL, tmp_path / "m-fp8")
+    assert [_digests(d) for d in again] == digests
+    foreign = tmp_path / "other-fp8"
+    foreign.mkdir()
+    (foreign / "x").write_text("")
+    with pytest.raises(FileExistsError, match="holds no"):
+        write_fp8_experts_model(COMMITTED_MODEL, foreign)

@@ -9,6 +9,7 @@ from vllm_wideep.comm.capacity import capacity_rows
 from vllm_wideep.comm.packing import RowFormat
 from vllm_wideep.comm.routing import plan_routes
 from vllm_wideep.config import WideEPConfig
+from vllm_wideep.kernels.fp8 import dequantize_block_fp8
 from vllm_wideep.plugin.engine import cuda_graph_policy
 
 
@@ -35,29 +36,39 @@ def test_fixed_length_plan_is_the_plan_plus_padding(num_ranks, experts_per_rank,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_row_format_round_trip(dtype, fp8):
-    fmt = RowFormat(hidden_dim=64, top_k=3, dtype=dtype, fp8=fp8)
-    hidden = torch.randn(5, 64, dtype=dtype) * torch.logspace(-3, 3, 5)[:, None].to(dtype)
+    H = 200  # two scale groups, the second one partial
+    fmt = RowFormat(hidden_dim=H, top_k=3, dtype=dtype, fp8=fp8)
+    hidden = torch.randn(5, H, dtype=dtype) * torch.logspace(-3, 3, 5)[:, None].to(dtype)
+    hidden[:, 128:] *= 1000  # groups of very different magnitude in one row
     ids = torch.tensor([[0, -1, 2]] * 5, dtype=torch.int32)
     weights = torch.rand(5, 3)
     rows = fmt.pack(hidden, ids, weights)
     assert rows.shape == (5, fmt.nbytes) and rows.dtype == torch.uint8
-    assert fmt.nbytes == 64 * (1 if fp8 else dtype.itemsize) + (4 if fp8 else 0) + 24
-    out_hidden, out_ids, out_weights = fmt.unpack(rows)
+    assert fmt.nbytes == H * (1 if fp8 else dtype.itemsize) + (2 * 4 if fp8 else 0) + 24
+    out_hidden, scales, out_ids, out_weights = fmt.unpack(rows)
     assert torch.equal(out_ids, ids) and torch.equal(out_weights, weights)
-    assert out_hidden.dtype == dtype
+    assert out_hidden.dtype == dtype and scales is None
     if fp8:
-        # Per-token scales: the relative error does not depend on the row's magnitude.
-        error = (out_hidden.float() - hidden.float()).norm(dim=1) / hidden.float().norm(dim=1)
-        assert (error < 0.05).all(), error
+        # A scale per token and 128 columns: the relative error of each group does not
+        # depend on its magnitude (e4m3: 3 mantissa bits, at most 2**-4 per element).
+        for group in (slice(0, 128), slice(128, H)):
+            ref, got = hidden[:, group].float(), out_hidden[:, group].float()
+            error = (got - ref).norm(dim=1) / ref.norm(dim=1)
+            assert (error < 0.05).all(), error
+        q, kept_scales, _, _ = fmt.unpack(rows, keep_fp8=True)
+        assert q.dtype == torch.float8_e4m3fn and kept_scales.shape == (5, 2)
+        expected = dequantize_block_fp8(q, kept_scales, (1, 128)).to(dtype)
+        assert torch.equal(expected, out_hidden)
     else:
         assert torch.equal(out_hidden, hidden)
     empty = fmt.unpack(fmt.pack(hidden[:0], ids[:0], weights[:0]))
-    assert [t.shape[0] for t in empty] == [0, 0, 0]
+    assert [t.shape[0] for t in empty if t is not None] == [0, 0, 0]
 
 
 def test_deepseek_row_sizes():
     assert RowFormat(7168, 8, torch.bfloat16).nbytes == 14400
-    assert RowFormat(7168, 8, torch.bfloat16, fp8=True).nbytes == 7236
+    # 7168 fp8 bytes, 56 scales (one per 128 columns), 8 ids, 8 weights: 0.52x of bf16
+    assert RowFormat(7168, 8, torch.bfloat16, fp8=True).nbytes == 7456
 
 
 def test_capacity_rows():

@@ -145,6 +145,28 @@ def test_deepseek_v3_config(models: dict[str, Path]) -> None:
     assert {k: cfg[k] for k in expected} == expected
 
 
+def test_deepseek_v3_fp8_differs_only_in_sizes_that_fit_the_fp8_block(
+    models: dict[str, Path],
+) -> None:
+    base, fp8 = _config(models["deepseek_v3"]), _config(models["deepseek_v3_fp8"])
+    resized = {"q_lora_rank": 128, "qk_nope_head_dim": 64, "moe_intermediate_size": 128}
+    assert {k: fp8[k] for k in resized} == resized
+    same = set(base) - set(resized) - {"qk_head_dim"}  # qk_head_dim = nope + rope
+    assert {k: fp8[k] for k in same} == {k: base[k] for k in same}
+    heads = fp8["num_attention_heads"]
+    assert heads * (fp8["qk_nope_head_dim"] + fp8["v_head_dim"]) == 512  # kv_b_proj rows
+    tensors = _tensors(models["deepseek_v3_fp8"])
+    for name, t in tensors.items():
+        head_or_router = ("embed_tokens", "lm_head", "shared_head.head", "eh_proj", "mlp.gate.")
+        if t.dim() != 2 or any(part in name for part in head_or_router):
+            continue
+        rows, cols = t.shape
+        assert cols % 128 == 0, (name, t.shape)
+        # kv_a_proj_with_mqa: 576 = 512 + 64 rows, the last part of vLLM's fused_qkv_a_proj.
+        assert rows % 128 == 0 or (name.endswith("kv_a_proj_with_mqa.weight") and rows == 576)
+    assert tensors["model.layers.3.mlp.experts.15.down_proj.weight"].shape == (128, 128)
+
+
 def test_deepseek_v3_weights(models: dict[str, Path]) -> None:
     tensors = _tensors(models["deepseek_v3"])
     # Layer 0 dense, layers 1-2 MoE, layer 3 the MTP layer with its own MoE block.

@@ -2,6 +2,7 @@
 
     python -m tools.accuracy.eval [--model models/tiny-dsv3-tasks] [--configs NAME ...]
                                         [--limit N] [--no-inprocess] [--out docs/results]
+                                        [--work .cache/accuracy]
 
 For each entry of `CONFIGS` (a row of the table): start `vllm serve MODEL <its flags>`
 on 127.0.0.1 in a process group of its own, run lm-eval's `local-completions` model on the
@@ -16,9 +17,16 @@ child process. Prints one table and writes `accuracy_cpu.json` to `--out`:
     wide-EP + online EPLB   ...                                             (placements applied)
     stock + MTP             ...
     wide-EP + MTP           ...
+    stock, FP8 dequantized  ...
+    wide-EP, FP8            ...
+
+The last two rows serve the model with its routed experts in FP8 (`tools/accuracy/fp8.py`,
+written to `--work` on first use): wide EP on the FP8 checkpoint, and stock vLLM, which has
+no FP8 MoE on CPU, on its dequantized copy.
 
 The targets are checked at the end (exit 1 if one is missed): stock scores at least 90 % on
-every task; every other row is within 1 point of stock on every task.
+every task; every other row is within 1 point of its baseline on every task: the wide-EP
+FP8 row of stock on the dequantized copy, every other row of stock.
 
 Servers with a speculative config report the MTP acceptance rate, accepted / drafted
 tokens from the `vllm:spec_decode_num_{accepted,draft}_tokens` counters of `/metrics`.
@@ -39,13 +47,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
+from tools.accuracy.fp8 import write_fp8_experts_model
 from tools.accuracy.tasks import KINDS, TASKS_DIR, generation_rows
 from tools.launch import REPO, Server, e2e_env, run_group
 
 DEFAULT_MODEL = REPO / "models" / "tiny-dsv3-tasks"
 DEFAULT_OUT = REPO / "docs" / "results"
+DEFAULT_WORK = REPO / ".cache" / "accuracy"
 SERVED_NAME = "tiny-dsv3-tasks"
 TASK_GROUP = "wideep_tasks"
 # task name -> lm-eval metric key
@@ -69,16 +79,25 @@ WIDE_EP_ARGS = ("--enable-wideep", "--data-parallel-size", "2", "--api-server-co
 EPLB_ARGS = ("--wideep-eplb", "online", "--wideep-eplb-interval", "4")
 EPLB_ARGS += ("--wideep-redundant-experts", "2")
 MTP_ARGS = ("--speculative-config", json.dumps({"method": "mtp", "num_speculative_tokens": 1}))
+# What a row serves: `--model`, or its FP8-experts checkpoint or that one's dequantized copy
+# (`tools.accuracy.fp8.write_fp8_experts_model`).
+Checkpoint = Literal["trained", "fp8", "dequantized"]
+CHECKPOINTS: tuple[str, ...] = get_args(Checkpoint)
+BASELINE = "stock"
+FP8_BASELINE = "stock, FP8 dequantized"
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """One row: `vllm serve MODEL *COMMON_ARGS *args`, with `num_ranks` engine processes
-    (one CPU core each)."""
+    """One row: `vllm serve CHECKPOINT *COMMON_ARGS *args`, with `num_ranks` engine
+    processes (one CPU core each); its scores must stay within `MAX_POINTS_FROM_STOCK` of
+    row `baseline`'s on every task (None: a baseline itself)."""
 
     name: str
     args: tuple[str, ...]
     num_ranks: int = 1
+    checkpoint: Checkpoint = "trained"
+    baseline: str | None = BASELINE
 
     @property
     def wide_ep(self) -> bool:
@@ -94,14 +113,20 @@ class ServeConfig:
 
 
 CONFIGS: tuple[ServeConfig, ...] = (
-    ServeConfig("stock", ()),
+    ServeConfig(BASELINE, (), baseline=None),
     ServeConfig("wide-EP", WIDE_EP_ARGS, num_ranks=2),
     ServeConfig("wide-EP + online EPLB", WIDE_EP_ARGS + EPLB_ARGS, num_ranks=2),
     ServeConfig("stock + MTP", MTP_ARGS),
     ServeConfig("wide-EP + MTP", WIDE_EP_ARGS + MTP_ARGS, num_ranks=2),
+    ServeConfig(FP8_BASELINE, (), checkpoint="dequantized", baseline=None),
+    ServeConfig("wide-EP, FP8", WIDE_EP_ARGS, num_ranks=2, checkpoint="fp8", baseline=FP8_BASELINE),
 )
-BASELINE = "stock"
 INPROCESS_NAME = "wide-EP, lm-eval vllm in-process (TP=2)"
+# row name -> the row it is compared with, None for a baseline; rows not listed (the
+# in-process one) compare with stock.
+BASELINE_OF: dict[str, str | None] = {c.name: c.baseline for c in CONFIGS}
+assert {c.checkpoint for c in CONFIGS} <= set(CHECKPOINTS), CONFIGS
+assert {b for b in BASELINE_OF.values() if b} <= {n for n, b in BASELINE_OF.items() if not b}
 
 
 @dataclass
@@ -274,7 +299,7 @@ def write_load_file(path: Path, load: dict[str, list[int]], model: Path) -> None
 def run_config(config: ServeConfig, model: Path, limit: int | None, load_path: Path | None) -> Row:
     """Serve `model` with `config`, evaluate it, stop the server."""
     args = [*COMMON_ARGS, *config.args]
-    row = Row(config.name, " ".join(["vllm serve", SERVED_NAME, *config.args]))
+    row = Row(config.name, " ".join(["vllm serve", model.name, *config.args]))
     env = e2e_env(config.num_ranks, VLLM_SERVER_DEV_MODE="1")
     start = time.monotonic()
     server = Server(str(model), args, env)
@@ -335,24 +360,32 @@ def run_inprocess(model: Path, limit: int | None) -> Row:
 
 
 def check_targets(rows: list[Row]) -> list[str]:
-    """The missed targets, in words (empty when all are met)."""
+    """The missed targets, in words (empty when all are met): stock at least
+    `MIN_STOCK_SCORE` on every task, every other row within `MAX_POINTS_FROM_STOCK` points
+    of its baseline (`BASELINE_OF`, stock where not listed) on every task."""
     by_name = {row.name: row for row in rows}
-    stock = by_name.get(BASELINE)
-    if stock is None or not stock.scores:
-        return [f"no {BASELINE} scores to compare with"]
-    missed = [
-        f"{BASELINE} {task} = {100 * score:.1f} % < {100 * MIN_STOCK_SCORE:.0f} %"
-        for task, score in stock.scores.items()
-        if score < MIN_STOCK_SCORE
-    ]
+    missed = []
     for row in rows:
         if row.error:
             missed.append(f"{row.name} failed")
             continue
+        baseline = BASELINE_OF.get(row.name, BASELINE)
+        if baseline is None:
+            if row.name == BASELINE:
+                missed += [
+                    f"{row.name} {task} = {100 * score:.1f} % < {100 * MIN_STOCK_SCORE:.0f} %"
+                    for task, score in row.scores.items()
+                    if score < MIN_STOCK_SCORE
+                ]
+            continue
+        base = by_name.get(baseline)
+        if base is None or not base.scores:
+            missed.append(f"no {baseline} scores to compare {row.name} with")
+            continue
         for task, score in row.scores.items():
-            points = 100 * abs(score - stock.scores[task])
+            points = 100 * abs(score - base.scores[task])
             if points > MAX_POINTS_FROM_STOCK:
-                missed.append(f"{row.name} {task}: {points:.1f} points from {BASELINE}")
+                missed.append(f"{row.name} {task}: {points:.1f} points from {baseline}")
     return missed
 
 
@@ -393,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="items per task (default: all)")
     parser.add_argument("--no-inprocess", action="store_true", help="skip the lm-eval vllm row")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--work", type=Path, default=DEFAULT_WORK, help="where the FP8 checkpoints are written"
+    )
     parser.add_argument("--inprocess-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     model = args.model.absolute()
@@ -406,11 +442,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     configs = [c for c in CONFIGS if args.configs is None or c.name in args.configs]
+    checkpoints = {"trained": model}
+    if any(c.checkpoint != "trained" for c in configs):
+        fp8 = write_fp8_experts_model(model, args.work.absolute() / f"{model.name}-fp8")
+        checkpoints.update(fp8=fp8.fp8, dequantized=fp8.dequantized)
     rows, load_path = [], args.out / LOAD_FILE
     for config in configs:
-        print(f"== {config.name}: vllm serve {' '.join(config.args)}", flush=True)
-        record = load_path if config.wide_ep and not config.speculative else None
-        rows.append(run_config(config, model, args.limit, record))
+        served = checkpoints[config.checkpoint]
+        print(f"== {config.name}: vllm serve {served.name} {' '.join(config.args)}", flush=True)
+        plain_wide_ep = config.wide_ep and not config.speculative and config.checkpoint == "trained"
+        record = load_path if plain_wide_ep else None
+        rows.append(run_config(config, served, args.limit, record))
         if record is not None:
             load_path = None  # the first plain wide-EP row records the routing
     if not args.no_inprocess:

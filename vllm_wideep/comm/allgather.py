@@ -50,11 +50,12 @@ class AllGatherDispatcher(Dispatcher):
         recv, exchange = exchange_rows(rows.repeat(self.num_ranks, 1), send_counts, self.group)
         self.traffic.add(dispatch_traffic(exchange, self.rank, self.num_ranks, fmt.nbytes, device))
 
-        hidden, global_ids, weights = fmt.unpack(recv)
+        hidden, scales, global_ids, weights = fmt.unpack(recv, self.keep_fp8)
         first = self.rank * self.slots_per_rank
         mine = (global_ids >= first) & (global_ids < first + self.slots_per_rank)
         return DispatchResult(
             hidden_states=hidden,
+            hidden_scales=scales,
             topk_ids=torch.where(mine, global_ids - first, -1).to(torch.int32),
             topk_weights=torch.where(mine, weights, 0.0),
             handle=_AllGatherHandle(exchange, num_tokens),

@@ -46,9 +46,10 @@ class AllToAllDispatcher(Dispatcher):
         self.traffic.add(
             dispatch_traffic(exchange, self.rank, self.num_ranks, fmt.nbytes, send.device)
         )
-        hidden, ids, weights = fmt.unpack(recv)
+        hidden, scales, ids, weights = fmt.unpack(recv, self.keep_fp8)
         return DispatchResult(
             hidden_states=hidden,
+            hidden_scales=scales,
             topk_ids=ids,
             topk_weights=weights,
             handle=_AllToAllHandle(plan.token_index, exchange, hidden_states.shape[0]),

@@ -27,6 +27,9 @@ class DispatchResult:
 
     hidden_states: `[M_recv, H]` activation dtype, one row per (source token, this rank);
         backends with fixed-size buffers also hand over padding rows (all ids `-1`).
+        float8 e4m3 when the dispatcher keeps fp8 rows (`keep_fp8`).
+    hidden_scales: `[M_recv, ceil(H / 128)]` float32 scales of float8 hidden_states,
+        else None.
     topk_ids: `[M_recv, k]` int32 local slots, `-1` = the choice is on another rank.
     topk_weights: `[M_recv, k]` float32 router weights, `0` where `topk_ids` is `-1`.
     handle: backend state that `combine` needs to send results back.
@@ -36,6 +39,7 @@ class DispatchResult:
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     handle: Any
+    hidden_scales: torch.Tensor | None = None
 
 
 # Columns of `TrafficCounters.totals`, in order.
@@ -99,7 +103,9 @@ class Dispatcher(ABC):
 
     Constructor keywords shared by every backend: `group` (the EP process group),
     `slots_per_rank` (slots per rank), `num_ranks` (EP size), `dispatch_dtype`
-    (`"auto"` = the activation dtype, `"fp8"` = per-token scaled float8 e4m3).
+    (`"auto"` = the activation dtype, `"fp8"` = float8 e4m3 with a scale per token and 128
+    columns), `keep_fp8` (with fp8 dispatch, hand the experts the float8 rows and scales
+    instead of dequantizing them: for FP8 experts computing W8A8).
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class Dispatcher(ABC):
         slots_per_rank: int,
         num_ranks: int,
         dispatch_dtype: DispatchDtype = "auto",
+        keep_fp8: bool = False,
     ):
         import torch.distributed as dist
 
@@ -117,6 +124,7 @@ class Dispatcher(ABC):
         self.num_ranks = num_ranks
         self.rank = dist.get_rank(group)
         self.dispatch_dtype = dispatch_dtype
+        self.keep_fp8 = keep_fp8 and dispatch_dtype == "fp8"
         self.traffic = TrafficCounters()
 
     @abstractmethod

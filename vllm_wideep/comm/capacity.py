@@ -99,12 +99,14 @@ class CapacityDispatcher(Dispatcher):
         capacity: int,
         max_tokens_per_rank: int,
         dispatch_dtype: DispatchDtype = "auto",
+        keep_fp8: bool = False,
     ):
         super().__init__(
             group=group,
             slots_per_rank=slots_per_rank,
             num_ranks=num_ranks,
             dispatch_dtype=dispatch_dtype,
+            keep_fp8=keep_fp8,
         )
         if not capacity >= 1:
             raise ValueError(f"vllm_wideep: capacity must be >= 1 row, got {capacity}")
@@ -171,7 +173,9 @@ class CapacityDispatcher(Dispatcher):
         # the block stride, which need not be a multiple of 8.
         header_in = recv[:, 0, :HEADER_BYTES].reshape(-1).view(torch.int64).view(R, 2)
         used = torch.arange(C, device=device)[None, :] < header_in[:, :1]  # [R, C]
-        hidden, ids, weights = fmt.unpack(recv[:, 1:].reshape(R * C, fmt.nbytes))
+        hidden, scales, ids, weights = fmt.unpack(
+            recv[:, 1:].reshape(R * C, fmt.nbytes), self.keep_fp8
+        )
         used = used.reshape(R * C, 1)
         ids = torch.where(used, ids, -1)
         weights = torch.where(used, weights, 0.0)
@@ -184,8 +188,9 @@ class CapacityDispatcher(Dispatcher):
             counts = torch.bincount(plan.dest_rank[pairs], minlength=R)
             recv2, exchange = exchange_rows(packed[pairs], counts, self.group)
             self.traffic.add(dispatch_traffic(exchange, self.rank, R, fmt.nbytes, device))
-            hidden2, ids2, weights2 = fmt.unpack(recv2)
+            hidden2, scales2, ids2, weights2 = fmt.unpack(recv2, self.keep_fp8)
             hidden = torch.cat([hidden, hidden2])
+            scales = None if scales is None else torch.cat([scales, scales2])
             ids = torch.cat([ids, ids2])
             weights = torch.cat([weights, weights2])
             second = _SecondRound(plan.token_index[pairs], exchange)
@@ -193,6 +198,7 @@ class CapacityDispatcher(Dispatcher):
         gather_index = torch.where(fits, plan.dest_rank * C + position, R * C)
         return DispatchResult(
             hidden_states=hidden,
+            hidden_scales=scales,
             topk_ids=ids,
             topk_weights=weights,
             handle=_CapacityHandle(plan.token_index, gather_index, num_tokens, second),

@@ -3,14 +3,17 @@
 Every backend sends a row as one uint8 vector, so one collective moves all of a row's
 parts whatever their dtypes:
 
-    [ hidden: H x itemsize | fp8 scale: 4 (fp8 only) | slot ids: k x int32 | weights: k x f32 ]
+    [ hidden: H x itemsize | fp8 scales: ceil(H / 128) x 4 (fp8 only) | slot ids: k x int32
+      | weights: k x f32 ]
+
+fp8 dispatch (`dispatch_dtype="fp8"`) sends the activations in the format FP8 experts
+consume (DeepEP's and DeepGEMM's): float8 e4m3 with one float32 scale per token and 128
+columns (`kernels.fp8.quantize_activations_fp8`). The receiver either hands the float8 rows
+and their scales to FP8 experts (`keep_fp8`: W8A8, no second quantization) or multiplies
+back to the activation dtype. Combine always sends the activation dtype.
 
 Worked example, DeepSeek-V3 (H = 7168, k = 8): bf16 rows are 14336 + 32 + 32 = 14400 bytes;
-fp8 rows 7168 + 4 + 32 + 32 = 7236 bytes (0.50x).
-
-fp8 dispatch (`dispatch_dtype="fp8"`): each row is scaled by its own amax / 448 (the largest
-float8 e4m3 value) and rounded to `torch.float8_e4m3fn`; the receiver multiplies back and
-returns the activation dtype. Combine always sends the activation dtype.
+fp8 rows 7168 + 56 x 4 + 32 + 32 = 7456 bytes (0.52x).
 """
 
 from __future__ import annotations
@@ -20,9 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from vllm_wideep.config import DispatchDtype
+from vllm_wideep.kernels.fp8 import (
+    BLOCK,
+    FP8,
+    dequantize_block_fp8,
+    quantize_activations_fp8,
+)
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+GROUP = BLOCK[1]  # columns per activation scale
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -33,17 +41,6 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 def from_bytes(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`[P, n * itemsize]` uint8 -> `[P, n]` dtype."""
     return b.contiguous().view(dtype)
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[P, H]` -> (`[P, H]` float8 e4m3, `[P, 1]` float32 scale); x ~ q * scale."""
-    amax = x.abs().amax(dim=1, keepdim=True).float()
-    scale = torch.clamp(amax / FP8_MAX, min=1e-12)
-    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -69,7 +66,7 @@ class RowFormat:
 
     @property
     def scale_bytes(self) -> int:
-        return 4 if self.fp8 else 0
+        return 4 * -(-self.hidden_dim // GROUP) if self.fp8 else 0
 
     @property
     def nbytes(self) -> int:
@@ -79,25 +76,34 @@ class RowFormat:
     def pack(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """hidden `[P, H]`, ids `[P, k]` int32, weights `[P, k]` float32 -> `[P, nbytes]` uint8."""
         if self.fp8:
-            q, scale = quantize_fp8(hidden)
+            q, scale = quantize_activations_fp8(hidden)
             parts = [as_bytes(q), as_bytes(scale)]
         else:
             parts = [as_bytes(hidden.to(self.dtype))]
         parts += [as_bytes(ids.to(torch.int32)), as_bytes(weights.float())]
         return torch.cat(parts, dim=1)
 
-    def unpack(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`[P, nbytes]` uint8 -> hidden `[P, H]` dtype, ids `[P, k]` int32, weights float32."""
+    def unpack(
+        self, rows: torch.Tensor, keep_fp8: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """`[P, nbytes]` uint8 -> (hidden `[P, H]`, scales, ids `[P, k]` int32, weights
+        `[P, k]` float32). hidden is in the activation dtype and scales None, except for
+        fp8 rows with `keep_fp8`: then hidden is float8 and scales `[P, ceil(H / 128)]`
+        float32."""
         h, s = self.hidden_bytes, self.hidden_bytes + self.scale_bytes
         ids_end = s + 4 * self.top_k
+        scales = None
         if self.fp8:
-            hidden = dequantize_fp8(
-                from_bytes(rows[:, :h], FP8), from_bytes(rows[:, h:s], torch.float32), self.dtype
-            )
+            hidden = from_bytes(rows[:, :h], FP8)
+            scales = from_bytes(rows[:, h:s], torch.float32)
+            if not keep_fp8:
+                hidden = dequantize_block_fp8(hidden, scales, (1, GROUP)).to(self.dtype)
+                scales = None
         else:
             hidden = from_bytes(rows[:, :h], self.dtype)
         return (
             hidden,
+            scales,
             from_bytes(rows[:, s:ids_end], torch.int32),
             from_bytes(rows[:, ids_end:], torch.float32),
         )

@@ -25,12 +25,14 @@ def make_dispatcher(
     slots_per_rank: int,
     num_ranks: int,
     dispatch_dtype: DispatchDtype = "auto",
+    keep_fp8: bool = False,
     capacity_tokens: int = 0,
     max_tokens_per_rank: int = 1,
     graph_tokens_per_rank: int = 0,
 ) -> Dispatcher:
     """The dispatcher of the exchange named `exchange`, for one MoE layer.
 
+    keep_fp8: with fp8 dispatch, deliver float8 rows and their scales (FP8 experts).
     capacity_tokens: rows per peer block asked for (`capacity` only; 0 = never overflow).
     max_tokens_per_rank: the most rows one rank dispatches in a call
         (ceil(max_num_batched_tokens / TP)); sizes the `capacity` buffers.
@@ -41,6 +43,7 @@ def make_dispatcher(
         "slots_per_rank": slots_per_rank,
         "num_ranks": num_ranks,
         "dispatch_dtype": dispatch_dtype,
+        "keep_fp8": keep_fp8,
     }
     if exchange == "capacity":
         capacity = capacity_rows(capacity_tokens, max_tokens_per_rank, graph_tokens_per_rank)

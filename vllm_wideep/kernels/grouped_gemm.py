@@ -18,6 +18,22 @@ fixed by shapes only, so the whole pipeline is CUDA-graph capturable):
 
 The combine is a separate kernel: each output row sums its k rows in a fixed order, so
 results are deterministic (no atomics) and every output row is written, dropped or not.
+
+FP8 block-scaled weights (``fp8.Fp8Experts``, block (bn, bk) = (128, 128) in DeepSeek-V3)
+take the same kernels with the constexpr ``W_FP8`` (and ``A_FP8``); the unquantized kernels
+compile to the same code as without them. Each K tile lies inside one K block of scales
+(BLOCK_K divides bk), and each column ``n`` of a tile reads its weight scale
+``w_scale[e, n // bn, k0 // bk]``, so any BLOCK_N works with any bn:
+
+* W8A16 (``activations="native"``): float8 weight tiles are converted to the activation
+  dtype (exact: e4m3 fits in bf16, fp16 and fp32), and
+  ``acc += (x_tile @ w_tile) * w_scale[n]`` in fp32.
+* W8A8 (``activations="fp8"``): the input is quantized per token and bk columns with torch
+  (``fp8.quantize_activations_fp8``) before the gate_up GEMM, and the SiLU-and-mul
+  intermediate (written in fp32) likewise before the down GEMM; the kernels read float8
+  rows and their scales `[rows, ceil(K / bk)]`, and
+  ``acc += (x_q_tile @ w_q_tile) * x_scale[m] * w_scale[n]`` in fp32 per K tile: FP8
+  tensor-core dots, promoted to fp32 every K block (DeepSeek-V3's and DeepGEMM's numerics).
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_wideep.kernels.fp8 import Fp8Experts, dequantize_block_fp8, quantize_activations_fp8
 from vllm_wideep.kernels.permute import Routing, route
 from vllm_wideep.kernels.tile_configs import get_config
 
@@ -98,10 +115,38 @@ def _tile_rows(
 
 
 @triton.jit
+def _scaled_dot(
+    acc,
+    a,
+    w,
+    a_scale_ptrs,
+    a_mask,
+    w_scale_ptrs,
+    w_mask,
+    A_FP8: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """``acc + (a @ w) * scales`` for one K tile of FP8 weights `w [BLOCK_K, BLOCK_N]`, whose
+    columns read their scale at ``w_scale_ptrs`` `[BLOCK_N]`; with A_FP8 the rows of float8
+    `a [BLOCK_M, BLOCK_K]` read theirs at ``a_scale_ptrs`` `[BLOCK_M]`."""
+    if UPCAST:
+        a, w = a.to(tl.float32), w.to(tl.float32)
+    elif not A_FP8:
+        w = w.to(a.dtype)  # exact: every e4m3 value is a bf16, fp16 and fp32 value
+    part = tl.dot(a, w, input_precision=DOT_PRECISION)
+    if A_FP8:
+        part = part * tl.load(a_scale_ptrs, mask=a_mask, other=0.0)[:, None]
+    return acc + part * tl.load(w_scale_ptrs, mask=w_mask, other=0.0)[None, :]
+
+
+@triton.jit
 def _gate_up_silu_kernel(
-    x_ptr,  # [M, H] activations
-    w13_ptr,  # [E, 2I, H]
-    act_ptr,  # [num_rows, I] out: silu(gate) * up
+    x_ptr,  # [M, H] activations (float8 with A_FP8)
+    w13_ptr,  # [E, 2I, H] (float8 with W_FP8)
+    act_ptr,  # [num_rows, I] out: silu(gate) * up (fp32 with A_FP8)
+    x_scale_ptr,  # [M, cdiv(H, bk)] float32 (A_FP8 only)
+    w_scale_ptr,  # [E, cdiv(2I, bn), cdiv(H, bk)] float32 (W_FP8 only)
     row_token_ptr,  # [num_rows] int32
     expert_offsets_ptr,
     expert_counts_ptr,
@@ -117,10 +162,19 @@ def _gate_up_silu_kernel(
     stride_wk,
     stride_am,
     stride_an,
+    stride_xsm,
+    stride_xsk,
+    stride_wse,
+    stride_wsn,
+    stride_wsk,
     BATCHED: tl.constexpr,
     E_POW2: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    W_FP8: tl.constexpr,
+    A_FP8: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -148,6 +202,11 @@ def _gate_up_silu_kernel(
         + offs_k[:, None] * stride_wk
     )
     u_ptrs = g_ptrs + N * stride_wn
+    if W_FP8:  # scale rows of gate column n and of up column N + n
+        ws_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_wse
+        gs_ptrs = ws_ptrs + (offs_n // SCALE_BLOCK_N) * stride_wsn
+        us_ptrs = ws_ptrs + ((N + offs_n) // SCALE_BLOCK_N) * stride_wsn
+        xs_ptrs = x_scale_ptr + tokens * stride_xsm
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -156,10 +215,18 @@ def _gate_up_silu_kernel(
         w_mask = k_mask[:, None] & n_mask[None, :]
         g = tl.load(g_ptrs, mask=w_mask, other=0.0)
         u = tl.load(u_ptrs, mask=w_mask, other=0.0)
-        if UPCAST:
-            a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
-        acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+        if W_FP8:
+            kb = k0 // SCALE_BLOCK_K
+            xs = xs_ptrs + kb * stride_xsk
+            acc_g = _scaled_dot(acc_g, a, g, xs, row_mask, gs_ptrs + kb * stride_wsk, n_mask,
+                                A_FP8, UPCAST, DOT_PRECISION)  # fmt: skip
+            acc_u = _scaled_dot(acc_u, a, u, xs, row_mask, us_ptrs + kb * stride_wsk, n_mask,
+                                A_FP8, UPCAST, DOT_PRECISION)  # fmt: skip
+        else:
+            if UPCAST:
+                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+            acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
@@ -170,9 +237,11 @@ def _gate_up_silu_kernel(
 
 @triton.jit
 def _down_kernel(
-    act_ptr,  # [num_rows, I]
-    w2_ptr,  # [E, H, I]
+    act_ptr,  # [num_rows, I] (float8 with A_FP8)
+    w2_ptr,  # [E, H, I] (float8 with W_FP8)
     down_ptr,  # [num_rows, H] out
+    act_scale_ptr,  # [num_rows, cdiv(I, bk)] float32 (A_FP8 only)
+    w_scale_ptr,  # [E, cdiv(H, bn), cdiv(I, bk)] float32 (W_FP8 only)
     expert_offsets_ptr,
     expert_counts_ptr,
     num_experts,
@@ -187,10 +256,19 @@ def _down_kernel(
     stride_wk,
     stride_dm,
     stride_dn,
+    stride_asm,
+    stride_ask,
+    stride_wse,
+    stride_wsn,
+    stride_wsk,
     BATCHED: tl.constexpr,
     E_POW2: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    W_FP8: tl.constexpr,
+    A_FP8: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -215,14 +293,25 @@ def _down_kernel(
         + offs_n[None, :] * stride_wn
         + offs_k[:, None] * stride_wk
     )
+    if W_FP8:
+        ws_ptrs = (
+            w_scale_ptr + expert.to(tl.int64) * stride_wse + (offs_n // SCALE_BLOCK_N) * stride_wsn
+        )
+        as_ptrs = act_scale_ptr + rows * stride_asm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            a, w = a.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if W_FP8:
+            kb = k0 // SCALE_BLOCK_K
+            acc = _scaled_dot(acc, a, w, as_ptrs + kb * stride_ask, row_mask,
+                              ws_ptrs + kb * stride_wsk, n_mask,
+                              A_FP8, UPCAST, DOT_PRECISION)  # fmt: skip
+        else:
+            if UPCAST:
+                a, w = a.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
     out_ptrs = down_ptr + rows[:, None] * stride_dm + offs_n[None, :] * stride_dn
@@ -269,8 +358,12 @@ def _launch_gemms(
     w2: torch.Tensor,
     routing: Routing,
     config: dict,
+    fp8: Fp8Experts | None = None,
+    hidden_scales: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Shared launch setup for both GEMMs; returns down `[num_rows, H]`."""
+    """Shared launch setup for both GEMMs; returns down `[num_rows, H]` in ``out_dtype``
+    (default: the dtype of hidden_states)."""
     H = hidden_states.shape[1]
     E, two_i, _ = w13.shape
     inter = two_i // 2
@@ -281,39 +374,105 @@ def _launch_gemms(
     else:
         num_tiles_m = E * triton.cdiv(routing.capacity, block_m)
         capacity = routing.capacity
+    a_fp8 = fp8 is not None and fp8.activations == "fp8"
+    block = (1, 1) if fp8 is None else fp8.block
+    w13_scale, w2_scale = (None, None) if fp8 is None else (fp8.w13_scale, fp8.w2_scale)
+    x, x_scale = hidden_states, hidden_scales  # already quantized by an fp8 dispatch
+    if a_fp8 and hidden_scales is None:
+        x, x_scale = quantize_activations_fp8(hidden_states, block[1])
+    out_dtype = out_dtype or hidden_states.dtype
     common = dict(
         BATCHED=routing.capacity is not None,
         # At least 16 lanes: a 1-wide arange is legal but an unusual layout for the compiler.
         E_POW2=max(16, triton.next_power_of_2(E)),
         UPCAST=_interpreting(),
-        DOT_PRECISION="ieee" if hidden_states.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        W_FP8=fp8 is not None,
+        A_FP8=a_fp8,
+        SCALE_BLOCK_N=block[0],
+        SCALE_BLOCK_K=block[1],
         BLOCK_M=block_m,
     )
-    act = torch.empty(
-        routing.num_rows, inter, dtype=hidden_states.dtype, device=hidden_states.device
-    )
-    cfg = config["gate_up"]
+    # W8A8 quantizes the intermediate from fp32, as DeepGEMM's callers do from the epilogue.
+    act_dtype = torch.float32 if a_fp8 else out_dtype
+    act = torch.empty(routing.num_rows, inter, dtype=act_dtype, device=hidden_states.device)
+    cfg = _gemm_config(config["gate_up"], fp8)
     grid = (num_tiles_m * triton.cdiv(inter, cfg["BLOCK_N"]),)
     _gate_up_silu_kernel[grid](
-        hidden_states, w13, act, routing.row_token, routing.expert_offsets, routing.expert_counts,
+        x, w13, act, _scale_ptr(x_scale, x), _scale_ptr(w13_scale, w13),
+        routing.row_token, routing.expert_offsets, routing.expert_counts,
         E, capacity, num_tiles_m, inter, H,
-        hidden_states.stride(0), hidden_states.stride(1),
+        x.stride(0), x.stride(1),
         w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), act.stride(1),
+        *_strides(x_scale, 2), *_strides(w13_scale, 3),
         **common, **cfg,
     )  # fmt: skip
-    down = torch.empty(routing.num_rows, H, dtype=hidden_states.dtype, device=hidden_states.device)
-    cfg = config["down"]
+    act_scale = None
+    if a_fp8:
+        act, act_scale = quantize_activations_fp8(act, block[1])
+    down = torch.empty(routing.num_rows, H, dtype=out_dtype, device=hidden_states.device)
+    cfg = _gemm_config(config["down"], fp8)
     grid = (num_tiles_m * triton.cdiv(H, cfg["BLOCK_N"]),)
     _down_kernel[grid](
-        act, w2, down, routing.expert_offsets, routing.expert_counts,
+        act, w2, down, _scale_ptr(act_scale, act), _scale_ptr(w2_scale, w2),
+        routing.expert_offsets, routing.expert_counts,
         E, capacity, num_tiles_m, H, inter,
         act.stride(0), act.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
         down.stride(0), down.stride(1),
+        *_strides(act_scale, 2), *_strides(w2_scale, 3),
         **common, **cfg,
     )  # fmt: skip
     return down
+
+
+def _scale_ptr(scale: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
+    """A scale pointer argument: the placeholder where the GEMM has none (never read)."""
+    return placeholder if scale is None else scale
+
+
+def _strides(scale: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
+    """A scale tensor's strides, zeros where the GEMM has none."""
+    return (0,) * ndim if scale is None else scale.stride()
+
+
+def _gemm_config(cfg: dict, fp8: Fp8Experts | None) -> dict:
+    """The tile config for one GEMM; with FP8, BLOCK_K inside one K block of scales: the
+    tuned BLOCK_K, at most the largest power of two dividing bk, at least the K of one
+    tensor-core dot (32 for float8 operands, else 16). ``_check_fp8_block`` checked that
+    this divides bk."""
+    if fp8 is None:
+        return cfg
+    block_k = min(cfg["BLOCK_K"], _pow2_factor(fp8.block[1]))
+    return {**cfg, "BLOCK_K": max(block_k, _min_block_k(fp8))}
+
+
+def _pow2_factor(n: int) -> int:
+    """The largest power of two dividing n: 128 -> 128, 96 -> 32."""
+    return n & -n
+
+
+def _min_block_k(fp8: Fp8Experts) -> int:
+    return 32 if fp8.activations == "fp8" else 16
+
+
+def _check_fp8_block(fp8: Fp8Experts, device: torch.device) -> None:
+    """The Triton kernels' limits on FP8 experts (ValueError naming them)."""
+    bk = fp8.block[1]
+    if _pow2_factor(bk) < _min_block_k(fp8):
+        raise ValueError(
+            f"block {fp8.block}: the Triton backend tiles K inside one scale block, so a "
+            f"power of two >= {_min_block_k(fp8)} must divide bk={bk} for "
+            f"activations={fp8.activations!r}; use the torch backend for this block"
+        )
+    if fp8.activations == "fp8" and device.type == "cuda" and not _interpreting():
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(
+                f"activations='fp8' needs FP8 tensor cores (compute capability 8.9+, "
+                f"Ada/Hopper); this GPU is {capability}: use activations='native'"
+            )
 
 
 def moe_experts_triton(
@@ -326,19 +485,28 @@ def moe_experts_triton(
     layout: str = "auto",
     config: dict | None = None,
     out: torch.Tensor | None = None,
+    fp8: Fp8Experts | None = None,
+    hidden_scales: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Triton MoE experts; see ``vllm_wideep.kernels.moe_experts`` for the contract.
+    """Triton MoE experts; see ``vllm_wideep.kernels.moe_experts`` for the contract
+    (``hidden_scales``, ``out_dtype`` too).
 
     layout: ``"contiguous"``, ``"batched"`` or ``"auto"`` (batched up to BATCHED_MAX_TOKENS).
-    config: tile config as in ``tile_configs``; ``None`` looks it up for this GPU and shape.
+    config: tile config as in ``tile_configs``; ``None`` looks it up for this GPU and shape
+        (FP8 uses the same table, BLOCK_K capped at the scale block: ``_gemm_config``).
     out: `[M, H]` to write into (every row is written); allocated when ``None``.
+    fp8: scales of float8 w13 and w2 and the activation precision (module docstring).
     """
     M, H = hidden_states.shape
     E, two_i, _ = w13.shape
     k = topk_ids.shape[1]
-    if hidden_states.dtype not in _DTYPES:
+    if hidden_states.dtype not in _DTYPES and hidden_scales is None:
         raise ValueError(f"hidden_states dtype {hidden_states.dtype} not in {_DTYPES}")
-    if not w13.dtype == w2.dtype == hidden_states.dtype:
+    if fp8 is not None:
+        fp8.check(w13, w2)
+        _check_fp8_block(fp8, hidden_states.device)
+    elif not w13.dtype == w2.dtype == hidden_states.dtype:
         raise ValueError(
             f"hidden_states, w13 and w2 must share a dtype; got {hidden_states.dtype}, "
             f"{w13.dtype}, {w2.dtype}"
@@ -347,8 +515,9 @@ def moe_experts_triton(
         layout = "batched" if M <= BATCHED_MAX_TOKENS else "contiguous"
     if layout not in ("contiguous", "batched"):
         raise ValueError(f"layout={layout!r}, expected 'contiguous', 'batched' or 'auto'")
+    out_dtype = out_dtype or hidden_states.dtype
     if out is None:
-        out = torch.empty_like(hidden_states)
+        out = torch.empty(M, H, dtype=out_dtype, device=hidden_states.device)
     if M == 0:
         return out
     if config is None:
@@ -356,7 +525,7 @@ def moe_experts_triton(
         device_name = _device_name(hidden_states.device) if hidden_states.is_cuda else None
         config = get_config(M * k / E, H, two_i // 2, device_name)
     routing = route(topk_ids, E, capacity=M if layout == "batched" else None)
-    down = _launch_gemms(hidden_states, w13, w2, routing, config)
+    down = _launch_gemms(hidden_states, w13, w2, routing, config, fp8, hidden_scales, out_dtype)
     block_h = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(M, triton.cdiv(H, block_h))](
         down, routing.flat_to_row, topk_weights, out,
@@ -372,8 +541,23 @@ def reference_moe_experts(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    fp8: Fp8Experts | None = None,
 ) -> torch.Tensor:
-    """Deliberately simple float64 loop over (token, slot); returns `[M, H]` float64."""
+    """Deliberately simple float64 loop over (token, slot); returns `[M, H]` float64.
+
+    With ``fp8``: float8 weights dequantized in float64; for W8A8 also each input row and
+    each SiLU-and-mul intermediate, quantized per ``bk`` columns (``quantize_activations_fp8``)
+    and dequantized in float64."""
+
+    def quantized(v: torch.Tensor) -> torch.Tensor:
+        if fp8 is None or fp8.activations == "native":
+            return v
+        q, scale = quantize_activations_fp8(v[None], fp8.block[1])
+        return dequantize_block_fp8(q, scale, (1, fp8.block[1]), torch.float64)[0]
+
+    if fp8 is not None:
+        w13 = dequantize_block_fp8(w13, fp8.w13_scale, fp8.block, torch.float64)
+        w2 = dequantize_block_fp8(w2, fp8.w2_scale, fp8.block, torch.float64)
     x, w13, w2 = hidden_states.double(), w13.double(), w2.double()
     inter = w2.shape[2]
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
@@ -382,7 +566,7 @@ def reference_moe_experts(
             e = int(topk_ids[m, j])
             if e < 0:
                 continue
-            gate_up = w13[e] @ x[m]
+            gate_up = w13[e] @ quantized(x[m])
             act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
-            out[m] += float(topk_weights[m, j]) * (w2[e] @ act)
+            out[m] += float(topk_weights[m, j]) * (w2[e] @ quantized(act))
     return out

@@ -29,6 +29,21 @@ faster than the path above at decode sizes (mostly 2x and up), where this path's
 and fp32 weight reads dominate. It needs its own prepacked copy of the weights
 (``_prepacked``, same bytes as the weights, kept in the same cache) and has no id for "not
 on this rank" (see ``_vllm_fused``).
+
+FP8 block-scaled experts (``moe_experts_torch_fp8``, scales in ``fp8.Fp8Experts``):
+
+* W8A16 (``activations="native"``): the weights are dequantized once, to the compute dtype
+  above (fp32 for fp32 activations and for half activations on a CPU without native half
+  GEMMs, else the activation dtype), into the caller's ``WeightCache``; then exactly the
+  unquantized path runs on that copy, vLLM's fused kernel for small batches included. The
+  result equals ``moe_experts_torch`` on the dequantized weights bit for bit. In memory: the
+  FP8 weights and scales stay as they are, plus the dequantized copy (4 bytes per weight
+  element in fp32, 2 in bf16/fp16: DeepSeek-V3's 32 slots at EP 8, 1.4 G elements, take
+  5.6 GB in fp32) and, once vLLM's kernel has run, its prepacked copy of that (same bytes).
+* W8A8 (``activations="fp8"``): the reference-grade math in fp32, slow by design: the
+  input and the SiLU-and-mul intermediate quantized per token and ``bk`` columns
+  (``quantize_activations_fp8``) and dequantized, times the fp32 dequantized weights (the
+  fp32 copy above, 4 bytes per weight element), one ``torch.mm`` per expert.
 """
 
 from __future__ import annotations
@@ -38,6 +53,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from vllm_wideep.kernels.fp8 import Fp8Experts, dequantize_block_fp8, quantize_activations_fp8
 
 # rows * H * I up to which the two-call grouped GEMM beats the per-expert loop on CPU
 # (measured on AVX2: grouped wins at 1024 rows x 128 x 64, loses at 512 x 1024 x 512).
@@ -56,8 +73,9 @@ def _native_half_gemm() -> bool:
 
 
 class WeightCache:
-    """Transformed copies of expert weights (the fp32 copy of bf16 weights, vLLM's prepacked
-    layout), made on first use and reused until `clear()`.
+    """Transformed copies of expert weights (the fp32 copy of bf16 weights, the dequantized
+    copy of FP8 weights, vLLM's prepacked layout), made on first use and reused until
+    `clear()`.
 
     The owner of the weights keeps one (the wide-EP experts of a MoE layer) and calls
     `clear()` whenever it writes them: after loading, and after every EPLB move commits.
@@ -177,18 +195,95 @@ def moe_experts_torch(
 
     cache: where to keep the transformed weights between calls (see `WeightCache`); None
     transforms them on every call."""
-    M, H = hidden_states.shape
+    M = hidden_states.shape[0]
     E = w13.shape[0]
     k = topk_ids.shape[1]
     if M * k <= VLLM_KERNEL_MAX_ROWS_PER_EXPERT * E:
         isa = _vllm_isa(hidden_states, w13, w2)
         if isa is not None:
             return _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa, cache)
-    on_cpu = hidden_states.device.type == "cpu"
-    compute_dtype = hidden_states.dtype
-    if compute_dtype != torch.float32 and on_cpu and not _native_half_gemm():
-        compute_dtype = torch.float32
+    compute_dtype = _compute_dtype(hidden_states)
+    return _sorted_experts(hidden_states, w13, w2, topk_weights, topk_ids, compute_dtype, cache)
 
+
+def moe_experts_torch_fp8(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    fp8: Fp8Experts,
+    cache: WeightCache | None = None,
+    hidden_scales: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """FP8 block-scaled experts: w13 `[S, 2I, H]` and w2 `[S, H, I]` float8 e4m3, their
+    scales in ``fp8``; other arguments and the result as in `moe_experts_torch`. With
+    ``hidden_scales`` (W8A8 only) hidden_states are float8 already quantized per token and
+    ``bk`` columns (by an fp8 dispatch) and are used as they are; the result is then in
+    ``out_dtype``.
+
+    W8A16 runs `moe_experts_torch` on the weights dequantized to the compute dtype (kept in
+    ``cache``; the scales count as part of the weights: clear it when either is written).
+    W8A8 computes in fp32 with the input and the intermediate quantized per token and
+    ``bk`` columns (see the module docstring)."""
+    if fp8.activations == "native":
+        dtype = _compute_dtype(hidden_states)
+        w13 = _dequantized(w13, fp8.w13_scale, fp8.block, dtype, cache)
+        w2 = _dequantized(w2, fp8.w2_scale, fp8.block, dtype, cache)
+        out = moe_experts_torch(hidden_states.to(dtype), w13, w2, topk_weights, topk_ids, cache)
+        return out.to(hidden_states.dtype)
+    group = fp8.block[1]
+    w13 = _dequantized(w13, fp8.w13_scale, fp8.block, torch.float32, cache)
+    w2 = _dequantized(w2, fp8.w2_scale, fp8.block, torch.float32, cache)
+    if hidden_scales is not None:
+        x = dequantize_block_fp8(hidden_states, hidden_scales, (1, group))
+    else:
+        x = _fake_quantized(hidden_states, group)
+    out = _sorted_experts(
+        x, w13, w2, topk_weights, topk_ids, torch.float32, cache,
+        act_quant=functools.partial(_fake_quantized, group=group),
+    )  # fmt: skip
+    return out.to(out_dtype or hidden_states.dtype)
+
+
+def _compute_dtype(hidden_states: torch.Tensor) -> torch.dtype:
+    """The GEMM dtype: fp32 for half activations on a CPU without native half GEMMs."""
+    dtype = hidden_states.dtype
+    on_cpu = hidden_states.device.type == "cpu"
+    if dtype != torch.float32 and on_cpu and not _native_half_gemm():
+        return torch.float32
+    return dtype
+
+
+def _dequantized(q, scale, block, dtype, cache: WeightCache | None) -> torch.Tensor:
+    """FP8 `q [S, n, m]` with block scales -> `dtype`, through ``cache`` when given; one slot
+    at a time, so the transient per-element scales take one slot's memory."""
+
+    def dequantize(q: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        for slot in range(q.shape[0]):
+            out[slot] = dequantize_block_fp8(q[slot], scale[slot], block, dtype)
+        return out
+
+    return _transformed(q, ("fp8_dequant", dtype, block), dequantize, cache)
+
+
+def _fake_quantized(x: torch.Tensor, group: int) -> torch.Tensor:
+    """`x [rows, n]` -> fp32 `[rows, n]`: quantized per row and ``group`` columns, dequantized."""
+    q, scale = quantize_activations_fp8(x, group)
+    return dequantize_block_fp8(q, scale, (1, group))
+
+
+def _sorted_experts(
+    hidden_states, w13, w2, topk_weights, topk_ids, compute_dtype, cache, act_quant=None
+) -> torch.Tensor:
+    """Pairs sorted by expert, both GEMMs in ``compute_dtype``, the weighted sum in fp32.
+
+    act_quant: applied to the SiLU-and-mul intermediate before the down GEMM (W8A8)."""
+    M, H = hidden_states.shape
+    E = w13.shape[0]
+    k = topk_ids.shape[1]
     # -1 (dropped) -> E so those pairs sort last; one op where a cast + where took three.
     key = topk_ids.reshape(-1).remainder(E + 1)
     order = torch.argsort(key, stable=True)
@@ -197,10 +292,11 @@ def moe_experts_torch(
     order = order[:num_valid]
     tokens = order // k
     x = hidden_states.index_select(0, tokens).to(compute_dtype)
-    if on_cpu and num_valid * H * w2.shape[2] <= GROUPED_MM_MAX_WORK:
+    on_cpu = hidden_states.device.type == "cpu"
+    if on_cpu and act_quant is None and num_valid * H * w2.shape[2] <= GROUPED_MM_MAX_WORK:
         down = _grouped(x, w13, w2, counts, compute_dtype, cache)
     else:
-        down = _per_expert(x, w13, w2, counts.tolist(), compute_dtype, cache)
+        down = _per_expert(x, w13, w2, counts.tolist(), compute_dtype, cache, act_quant)
     down = down.float().mul_(topk_weights.reshape(-1)[order].float().unsqueeze(1))
     out = torch.zeros(M, H, dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, tokens, down)
@@ -222,7 +318,7 @@ def _grouped(x, w13, w2, counts, dtype, cache):
     return torch._grouped_mm(_silu_mul(gate_up), w2.transpose(1, 2), offs=offsets)
 
 
-def _per_expert(x, w13, w2, counts, dtype, cache):
+def _per_expert(x, w13, w2, counts, dtype, cache, act_quant=None):
     """``torch.mm`` per active expert on its row slice; x `[rows, H]` sorted by expert."""
     down = torch.empty(x.shape[0], w2.shape[1], dtype=dtype, device=x.device)
     w13, w2 = _upcast(w13, dtype, cache), _upcast(w2, dtype, cache)
@@ -231,7 +327,9 @@ def _per_expert(x, w13, w2, counts, dtype, cache):
         if count == 0:
             continue
         end = start + count
-        gate_up = torch.mm(x[start:end], w13[e].t())
-        torch.mm(_silu_mul(gate_up), w2[e].t(), out=down[start:end])
+        act = _silu_mul(torch.mm(x[start:end], w13[e].t()))
+        if act_quant is not None:
+            act = act_quant(act)
+        torch.mm(act, w2[e].t(), out=down[start:end])
         start = end
     return down

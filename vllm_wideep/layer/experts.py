@@ -15,19 +15,29 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
 
 from vllm_wideep.eplb.stats import record
 from vllm_wideep.kernels import WeightCache, moe_experts
+from vllm_wideep.kernels.fp8 import Fp8Experts
 
 
 class WideEPExperts(mk.FusedMoEExpertsModular):
     """backend: the `experts_backend` option. tokens_per_slot: `[S]` int64 on the device,
     (token, expert) rows computed per local slot since start (the layer's
     `ExpertSlots.tokens_per_slot`). weight_cache: the torch backend's transformed copies of
-    this layer's weights; the layer clears it whenever it writes them."""
+    this layer's weights; the layer clears it whenever it writes them. fp8: the block scales
+    of FP8 weights (vLLM passes the weights to `apply`; the scales live here), or None."""
 
-    def __init__(self, moe_config, quant_config, backend: str, tokens_per_slot: torch.Tensor):
+    def __init__(
+        self,
+        moe_config,
+        quant_config,
+        backend: str,
+        tokens_per_slot: torch.Tensor,
+        fp8: Fp8Experts | None = None,
+    ):
         super().__init__(moe_config, quant_config)
         self.backend = backend
         self.tokens_per_slot = tokens_per_slot
         self.weight_cache = WeightCache()
+        self.fp8 = fp8
 
     @staticmethod
     def activation_format() -> mk.FusedMoEActivationFormat:
@@ -97,5 +107,8 @@ class WideEPExperts(mk.FusedMoEExpertsModular):
                 topk_ids,
                 backend=self.backend,
                 cache=self.weight_cache,
+                fp8=self.fp8,
+                hidden_scales=a1q_scale,  # FP8 rows from an fp8 dispatch, used as they came
+                out_dtype=output.dtype,
             )
         )

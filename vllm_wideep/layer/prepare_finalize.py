@@ -85,7 +85,15 @@ class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         slot_ids = self.slots.route(topk_ids[start:end])  # logical ids -> slots, counted
         result = self.dispatcher.dispatch(a1[start:end], slot_ids, topk_weights[start:end])
         self._pending = _Pending(result.handle, start, end)
-        return result.hidden_states, None, None, result.topk_ids, result.topk_weights
+        # FP8 rows travel with their scales (fp8 dispatch to FP8 experts): vLLM hands them
+        # to the experts as `a1q_scale`.
+        return (
+            result.hidden_states,
+            result.hidden_scales,
+            None,
+            result.topk_ids,
+            result.topk_weights,
+        )
 
     def finalize(
         self,

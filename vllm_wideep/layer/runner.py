@@ -15,6 +15,7 @@ from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.fused_moe import MoERunner
 
 from vllm_wideep.config import WideEPConfig
+from vllm_wideep.layer.fp8 import WideEPFp8MoEMethod
 from vllm_wideep.layer.method import WideEPUnquantizedMethod
 
 
@@ -28,11 +29,11 @@ class WideEPMoERunner(MoERunner):
         if not self.wideep_enabled:
             return
         quant_method = self.routed_experts.quant_method
-        if not isinstance(quant_method, WideEPUnquantizedMethod):
+        if not isinstance(quant_method, (WideEPUnquantizedMethod, WideEPFp8MoEMethod)):
             raise NotImplementedError(
-                f"vllm_wideep: layer {self.layer_name} uses the quantized MoE method "
-                f"{type(quant_method).__name__}; wide EP supports unquantized MoE "
-                f"weights only for now. Serve an unquantized checkpoint or drop "
+                f"vllm_wideep: layer {self.layer_name} uses the MoE method "
+                f"{type(quant_method).__name__}; wide EP runs unquantized experts and "
+                f"FP8 experts with 128x128 block scales. Serve such a checkpoint or drop "
                 f"--enable-wideep."
             )
 

@@ -12,8 +12,15 @@ def register() -> None:
     """
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.fused_moe import MoERunner, UnquantizedFusedMoEMethod
+    from vllm.model_executor.layers.quantization import register_quantization_config
 
     from vllm_wideep.layer import state
+    from vllm_wideep.layer.fp8 import (
+        CT_QUANTIZATION_NAME,
+        QUANTIZATION_NAME,
+        WideEPCompressedTensorsFp8Config,
+        WideEPFp8Config,
+    )
     from vllm_wideep.layer.method import WideEPUnquantizedMethod
     from vllm_wideep.layer.runner import WideEPMoERunner
     from vllm_wideep.plugin.cli import patch_cli
@@ -25,6 +32,9 @@ def register() -> None:
         MoERunner.register_oot(WideEPMoERunner)
     if op_registry_oot.get("UnquantizedFusedMoEMethod") is not WideEPUnquantizedMethod:
         UnquantizedFusedMoEMethod.register_oot(WideEPUnquantizedMethod)
+    # Registering the same class again replaces it by itself.
+    register_quantization_config(QUANTIZATION_NAME)(WideEPFp8Config)
+    register_quantization_config(CT_QUANTIZATION_NAME)(WideEPCompressedTensorsFp8Config)
     patch_cli()
     patch_engine_config()
     patch_dp_client()

@@ -138,6 +138,51 @@ def check_model(model_config, data_parallel_size: int, tensor_parallel_size: int
         )
 
 
+SUPPORTED_CHECKPOINTS = (
+    "unquantized (bfloat16, float16, float32)",
+    "fp8 with 128x128 block scales (DeepSeek's format: quant_method fp8, weight_block_size "
+    "[128, 128])",
+    "compressed-tensors FP8 with 128x128 weight blocks and dynamic activations "
+    "(llm-compressor's FP8 block format)",
+)
+
+
+def choose_quantization(model_config) -> str | None:
+    """The quantization method the engine must use for this checkpoint under wide EP:
+    None (unquantized), `wideep_fp8` or `wideep_ct_fp8`; any other format is refused,
+    naming it."""
+    from vllm_wideep.layer.fp8 import (
+        CT_QUANTIZATION_NAME,
+        QUANTIZATION_NAME,
+        compressed_tensors_fp8_block_problem,
+    )
+
+    method = model_config.quantization
+    if method in (None, QUANTIZATION_NAME, CT_QUANTIZATION_NAME):
+        return method
+    quant_cfg = getattr(model_config.hf_config, "quantization_config", None) or {}
+    if not isinstance(quant_cfg, dict):
+        quant_cfg = quant_cfg.to_dict()
+    block = quant_cfg.get("weight_block_size")
+    if method == "fp8" and list(block or []) == [128, 128]:
+        return QUANTIZATION_NAME
+    problem = None
+    if method == "compressed-tensors":
+        problem = compressed_tensors_fp8_block_problem(quant_cfg)
+        if problem is None:
+            return CT_QUANTIZATION_NAME
+    what = {
+        "fp8": f"fp8 with weight_block_size {block}",
+        "compressed-tensors": f"compressed-tensors ({problem})",
+    }.get(method, method)
+    raise ValueError(
+        f"vllm_wideep: --enable-wideep cannot serve {model_config.model!r}: its "
+        f"checkpoint is quantized as {what}. Supported checkpoints: "
+        + "; ".join(SUPPORTED_CHECKPOINTS)
+        + ". Drop --enable-wideep for this model."
+    )
+
+
 def resolve_balancing(config: WideEPConfig, model_config, ep_size: int) -> WideEPConfig:
     """Check the load-balancing options against the model and EP size; a placement file
     fixes the slot count (`redundant_experts` follows from it when not given)."""
@@ -185,6 +230,7 @@ def patch_engine_config() -> None:
             adjust_engine_args(self, config)
             model_config = self.create_model_config()
             check_model(model_config, self.data_parallel_size, self.tensor_parallel_size)
+            self.quantization = choose_quantization(model_config)
             config = resolve_balancing(
                 config, model_config, self.data_parallel_size * self.tensor_parallel_size
             )

@@ -1,12 +1,12 @@
 """Every change vllm_wideep makes to vLLM (and Ray) at run time, in one table.
 
 `HOOKS` lists each symbol the plugin touches: where it lives, how it is changed, in which
-processes, and why. The supported extension points come first (vLLM calls them hooks:
-`register_oot`, `worker_extension_cls`); the rest are wrappers, installed with `wrap` (or
-`set_attribute`), which refuse any target not in the table and install each wrapper once
-per process, whoever asks. `tests/unit/test_hooks.py` checks that every target still exists
-in the installed vLLM with the parameters its wrapper passes on, so an upgrade of vLLM
-fails in one test, not at serving time. Written for `VLLM_VERSION`.
+processes, and why. The supported extension points come first (`register_oot`,
+`register_quantization_config`, `worker_extension_cls`); the rest are wrappers, installed
+with `wrap` (or `set_attribute`), which refuse any target not in the table and install each
+wrapper once per process, whoever asks. `tests/unit/test_hooks.py` checks that every target
+still exists in the installed vLLM with the parameters its wrapper passes on, so an upgrade
+of vLLM fails in one test, not at serving time. Written for `VLLM_VERSION`.
 
 Processes: `every process` = wherever vLLM loads its general plugins (front end, engine
 cores, workers); `workers` = installed when a worker builds its first wide-EP MoE layer;
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 VLLM_VERSION = "0.32.0"
 
-Change = Literal["register_oot", "extension", "wrap", "set"]
+Change = Literal["register_oot", "register", "extension", "wrap", "set"]
 Where = Literal["every process", "workers", "Ray workers"]
 
 
@@ -63,6 +63,13 @@ HOOKS: tuple[Hook, ...] = (
         "register_oot",
         "every process",
         "every unquantized MoE method is WideEPUnquantizedMethod (layer/method.py)",
+    ),
+    Hook(
+        "vllm.model_executor.layers.quantization:register_quantization_config",
+        "register",
+        "every process",
+        "the wideep_fp8 and wideep_ct_fp8 quantization configs (layer/fp8.py), which the "
+        "engine hook selects for FP8 checkpoints with --enable-wideep only",
     ),
     Hook(
         "vllm.engine.arg_utils:EngineArgs.worker_extension_cls",

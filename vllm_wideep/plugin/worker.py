@@ -27,8 +27,9 @@ class WideEPWorkerExtension:
     def wideep_stats(self) -> dict[str, Any]:
         """This rank's EP rank and, per MoE layer, the (token, expert) rows each of its
         slots computed: `{"ep_rank": r, "tokens_per_expert": {layer_name: [S ints]}}`,
-        the balancer's counters per layer (`"eplb"`), and the bytes its token exchange
-        moved: `"traffic": {layer_name: {"calls", "dispatch_sent_bytes",
+        the bytes its slots hold per layer (`"expert_bytes"`: weights and, for FP8
+        experts, their scales), the balancer's counters per layer (`"eplb"`), and the
+        bytes its token exchange moved: `"traffic": {layer_name: {"calls", "dispatch_sent_bytes",
         "dispatch_recv_bytes", "combine_sent_bytes", "combine_recv_bytes",
         "overflow_rows"}}` (`comm.base.TrafficCounters`)."""
         from vllm.distributed import get_ep_group
@@ -47,6 +48,10 @@ class WideEPWorkerExtension:
             "ep_rank": get_ep_group().rank_in_group,
             "tokens_per_expert": {
                 name: slots.tokens_per_slot.tolist() for name, slots in state.slots.items()
+            },
+            "expert_bytes": {
+                name: sum(w.numel() * w.element_size() for w in slots.weights)
+                for name, slots in state.slots.items()
             },
             "eplb": eplb,
             "traffic": {name: traffic.snapshot() for name, traffic in state.traffic.items()},
