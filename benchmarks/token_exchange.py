@@ -86,10 +86,10 @@ def traffic_per_token(topk_ids: torch.Tensor, num_ranks: int) -> dict[str, float
         "alltoall": remote.mean().item(),
     }
     result = {name: n * (row_bytes() + out_row) + header for name, n in rows.items()}
-    result["a2a_fp8"] = rows["alltoall"] * (row_bytes(fp8=True) + out_row) + header
+    result["alltoall_fp8"] = rows["alltoall"] * (row_bytes(fp8=True) + out_row) + header
     for name, C in (("capacity_worst", M), ("capacity_max_load", max_load)):
         result[name] = (R - 1) * ((C + 1) * row_bytes() + C * out_row) / M
-    result["a2a_remote_rows"] = rows["alltoall"]
+    result["alltoall_remote_rows"] = rows["alltoall"]
     result["capacity_max_load_rows"] = max_load
     return result
 
@@ -168,12 +168,13 @@ def measure_latency(world_size: int, iters: int) -> dict:
 
 
 def fp8_accuracy(seed: int = 0) -> dict[str, dict[str, float]]:
-    """Relative error of an MoE layer's output when its input travels as per-token scaled
-    fp8 instead of bf16, on random experts (H=1024, I=256, 32 experts, top-8, 512 tokens):
-    `||y(fp8 x) - y(bf16 x)|| / ||y(bf16 x)||` over the batch, and the worst token. Two
-    inputs: Gaussian, and Gaussian with 8 outlier channels 30x larger (as LLM activations
-    have), which per-token scales handle worst. bf16 vs fp32 input is the yardstick."""
-    from vllm_wideep.comm.packing import dequantize_fp8, quantize_fp8
+    """Relative error of an MoE layer's output when its input travels as fp8 with a scale
+    per token and 128 columns (the dispatch format) instead of bf16, on random experts
+    (H=1024, I=256, 32 experts, top-8, 512 tokens): `||y(fp8 x) - y(bf16 x)|| /
+    ||y(bf16 x)||` over the batch, and the worst token. Two inputs: Gaussian, and Gaussian
+    with 8 outlier channels 30x larger (as LLM activations have), which coarse scales handle
+    worst. bf16 vs fp32 input is the yardstick."""
+    from vllm_wideep.kernels.fp8 import dequantize_block_fp8, quantize_activations_fp8
     from vllm_wideep.kernels.torch_experts import moe_experts_torch
 
     g = torch.Generator().manual_seed(seed)
@@ -197,9 +198,9 @@ def fp8_accuracy(seed: int = 0) -> dict[str, dict[str, float]]:
     for name, x in (("gaussian", gaussian), ("outlier_channels", outliers)):
         x_bf16 = x.to(DTYPE)
         ref = layer(x_bf16)
-        q, scale = quantize_fp8(x_bf16)
+        q, scale = quantize_activations_fp8(x_bf16)
         out[name] = {
-            "fp8_vs_bf16": errors(layer(dequantize_fp8(q, scale, DTYPE)), ref),
+            "fp8_vs_bf16": errors(layer(dequantize_block_fp8(q, scale, (1, 128)).to(DTYPE)), ref),
             "bf16_vs_fp32": errors(ref, layer(x)),
         }
     return out
@@ -234,7 +235,9 @@ def main() -> None:
         for R in EP_SIZES:
             t = traffic_per_token(topk_ids, R)
             ag = t["allgather"]
-            predicted = predicted_factor(R) if skew == "uniform" else (R - 1) / t["a2a_remote_rows"]
+            predicted = (
+                predicted_factor(R) if skew == "uniform" else (R - 1) / t["alltoall_remote_rows"]
+            )
             row = {"routing": skew, "ep": R, **t, "predicted_factor": predicted}
             table.append(row)
 
@@ -242,9 +245,10 @@ def main() -> None:
                 return f"{t[name] / 1024:.1f} KiB ({t[name] / ag:.3f})"
 
             print(
-                f"| {skew} | {R} | {ag / 1024:.1f} KiB | {cell('alltoall')} | {cell('a2a_fp8')} | "
+                f"| {skew} | {R} | {ag / 1024:.1f} KiB | {cell('alltoall')} "
+                f"| {cell('alltoall_fp8')} | "
                 f"{cell('capacity_worst')} | {cell('capacity_max_load')} "
-                f"| {t['a2a_remote_rows']:.2f} | {predicted:.3f} |"
+                f"| {t['alltoall_remote_rows']:.2f} | {predicted:.3f} |"
             )
     print(
         "\n(x) = bytes / allgather bytes. 'predicted' is 1 / (1 - q) for uniform routing and "
