@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,13 @@ import torch.nn.functional as F
 
 from vllm_wideep.config import WideEPConfig
 from vllm_wideep.eplb.location import ExpertSlots
-from vllm_wideep.eplb.mover import MovesInFlight, begin_moves, finish_moves, plan_moves
+from vllm_wideep.eplb.mover import (
+    MovesInFlight,
+    MovesRefused,
+    begin_moves,
+    finish_moves,
+    plan_moves,
+)
 from vllm_wideep.eplb.placement import Placement
 from vllm_wideep.eplb.policy import plan_placement
 from vllm_wideep.eplb.stats import LoadWindow
@@ -65,6 +72,9 @@ class Balancer:
     in_flight: list[tuple[int, MovesInFlight]] = field(default_factory=list)  # begun layers
     counters: list[LayerCounters] = field(default_factory=list)
     own_group: dist.ProcessGroup | None = None  # made at the first online step
+    # The longest any of the balancer's collectives may wait for a peer (None: torch's
+    # default); a peer that dies or stalls then fails the step instead of hanging it.
+    timeout: timedelta | None = None
 
     def __post_init__(self) -> None:
         first = self.layers[0]
@@ -110,7 +120,7 @@ class Balancer:
         if self.config.eplb != "online":
             return
         if self.own_group is None:
-            self.own_group = _own_group(self.group)
+            self.own_group = _own_group(self.group, self.timeout)
         self._finish()
         if not self.pending and self.steps % self.config.eplb_interval == 0:
             self._plan()
@@ -135,19 +145,34 @@ class Balancer:
         return torch.stack([F.pad(c, (0, self.num_experts - c.numel())) for c in counts])
 
     def _plan(self) -> None:
+        try:
+            self._plan_collectively()
+        except RuntimeError as error:
+            raise self._group_failed("planning a new expert placement", error) from error
+
+    def _plan_collectively(self) -> None:
         load = self.window.total()
         if self.num_ranks > 1:
             dist.all_reduce(load, group=self.own_group)
         current = self.placement().physical_to_logical
+        target = torch.full_like(current, -1)  # all -1: no plan (rank 0 failed to plan)
         if self.rank == 0:
-            target = plan_placement(load.cpu(), self.num_ranks, self.slots_per_rank, current)
-        else:
-            target = torch.empty_like(current)
+            try:
+                target = plan_placement(load.cpu(), self.num_ranks, self.slots_per_rank, current)
+            except (RuntimeError, ValueError) as error:
+                logger.error("vllm_wideep: step %d: planning failed (%s)", self.steps, error)
         if self.num_ranks > 1:
             target = target.to(load.device)
             dist.broadcast(
                 target, src=dist.get_global_rank(self.own_group, 0), group=self.own_group
             )
+        if bool((target < 0).all()):
+            logger.error(
+                "vllm_wideep: step %d: no new expert placement (planning failed on EP rank "
+                "0); every rank keeps the current one",
+                self.steps,
+            )
+            return
         self.target = target.cpu()
         self.pending = [
             i for i in range(len(self.layers)) if not torch.equal(self.target[i], current[i])
@@ -165,8 +190,10 @@ class Balancer:
         plan = plan_moves(layer.physical_to_logical, self.target[index], self.slots_per_rank)
         try:
             moves = begin_moves(plan, layer.weights, self.rank, self.num_ranks, self.own_group)
-        except (RuntimeError, ValueError) as e:
-            self._failed(index, e)
+        except MovesRefused as refused:  # every rank refused together: keep the old placement
+            self._failed(index, refused)
+        except RuntimeError as error:  # the group itself failed (a dead or stalled peer)
+            raise self._group_failed(f"moving {layer.layer_name}'s experts", error) from error
         else:
             self.in_flight.append((index, moves))
         counter.seconds += time.perf_counter() - start
@@ -178,18 +205,24 @@ class Balancer:
             start = time.perf_counter()
             try:
                 ok = finish_moves(moves)
-            except (RuntimeError, ValueError) as e:
-                self._failed(index, e)
+            except RuntimeError as error:
+                raise self._group_failed(f"moving {layer.layer_name}'s experts", error) from error
+            if ok:
+                layer.set_placement(self.target[index])
+                counter.rebalances += 1
+                slot_bytes = sum(w[0].numel() * w.element_size() for w in layer.weights)
+                counter.moved_bytes += len(moves.plan.received(self.rank)) * slot_bytes
             else:
-                if ok:
-                    layer.set_placement(self.target[index])
-                    counter.rebalances += 1
-                    slot_bytes = sum(w[0].numel() * w.element_size() for w in layer.weights)
-                    counter.moved_bytes += len(moves.plan.received(self.rank)) * slot_bytes
-                else:
-                    self._failed(index, "a moved slot failed verification")
+                self._failed(index, "a moved slot failed verification")
             counter.seconds += time.perf_counter() - start
         self.in_flight = []
+
+    def _group_failed(self, what: str, error: Exception) -> RuntimeError:
+        """The error that stops the engine when a collective itself failed (a dead or
+        stalled peer, the group's timeout): the ranks cannot agree on anything any more."""
+        return RuntimeError(
+            f"vllm_wideep: EP rank {self.rank}: {what} failed ({error}); the EP group cannot go on"
+        )
 
     def _failed(self, index: int, reason) -> None:
         self.counters[index].failures += 1
@@ -200,8 +233,11 @@ class Balancer:
         )
 
 
-def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """A process group over `group`'s ranks for the balancer alone (same backend).
+def _own_group(
+    group: dist.ProcessGroup | None, timeout: timedelta | None
+) -> dist.ProcessGroup | None:
+    """A process group over `group`'s ranks for the balancer alone (same backend), whose
+    collectives wait at most `timeout`.
 
     `new_group` is collective over the whole world; the world is the EP group whenever
     wide EP runs (no pipeline parallelism), otherwise the balancer shares `group`."""
@@ -210,4 +246,4 @@ def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     ranks = dist.get_process_group_ranks(group)
     if len(ranks) != dist.get_world_size():
         return group
-    return dist.new_group(ranks, backend=dist.get_backend(group))
+    return dist.new_group(ranks, backend=dist.get_backend(group), timeout=timeout)

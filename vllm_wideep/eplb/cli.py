@@ -9,21 +9,32 @@
         draws expert load per layer, and rank load without and with the placement
 
 Then `vllm serve MODEL --enable-wideep --wideep-placement p.json ...` starts from it.
+
+Bad input (a flag out of range, a bad file, a server that is down or answers something
+else, a reply not complete within --timeout) is one line `vllm-wideep eplb: error: ...`
+on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
+import math
+import reprlib
+import socket
 import sys
-import urllib.request
+import threading
+import time
+import urllib.parse
 
 import torch
 
 from vllm_wideep.eplb.files import (
     LoadRecord,
-    ModelIdentity,
     PlacementRecord,
+    load_from_dict,
     read_load,
     read_placement,
     write_load,
@@ -35,18 +46,57 @@ from vllm_wideep.eplb.policy import plan_placement
 
 
 def record_from_replies(replies: list[dict]) -> LoadRecord:
-    """Per-rank `wideep_load` replies -> one load record, summed over ranks."""
-    if not replies:
-        raise ValueError("vllm_wideep: the server returned no wideep_load replies")
-    first = replies[0]
-    ranks = sorted(r["ep_rank"] for r in replies)
-    if ranks != list(range(first["num_ranks"])):
+    """Per-rank `wideep_load` replies -> one load record, summed over ranks.
+
+    Every reply must be a load record (`load_from_dict`) of the same model and the same
+    layers, in the same order, and the replies must come from EP ranks 0..R-1 once each;
+    anything else is a ValueError saying which rank differs and how."""
+    if not isinstance(replies, list) or not replies:
         raise ValueError(
-            f"vllm_wideep: got load from EP ranks {ranks}, expected all of "
-            f"0..{first['num_ranks'] - 1}"
+            f"vllm_wideep: the server returned no wideep_load replies (got {_short(replies)})"
         )
-    load = sum(torch.tensor(r["load"], dtype=torch.float64) for r in replies)
-    return LoadRecord(ModelIdentity(**first["model"]), list(first["layers"]), load)
+    records, ranks, num_ranks = [], [], []
+    for i, reply in enumerate(replies):
+        if not isinstance(reply, dict):
+            raise ValueError(
+                f"vllm_wideep: wideep_load reply {i} is {_short(reply)}, not an object"
+            )
+        for key in ("ep_rank", "num_ranks"):
+            value = reply.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"vllm_wideep: wideep_load reply {i}: '{key}' must be an integer >= 0, "
+                    f"got {_short(value)}"
+                )
+        ranks.append(reply["ep_rank"])
+        num_ranks.append(reply["num_ranks"])
+        records.append(load_from_dict(reply, f"wideep_load reply of EP rank {reply['ep_rank']}"))
+    if len(set(num_ranks)) != 1:
+        raise ValueError(f"vllm_wideep: the EP ranks disagree on the EP size: {sorted(num_ranks)}")
+    if sorted(ranks) != list(range(num_ranks[0])):
+        raise ValueError(
+            f"vllm_wideep: got load from EP ranks {sorted(ranks)}, expected all of "
+            f"0..{num_ranks[0] - 1} once each"
+        )
+    first = records[0]
+    for rank, rec in zip(ranks, records, strict=True):
+        if rec.model != first.model:
+            raise ValueError(
+                f"vllm_wideep: EP rank {rank} reports model {rec.model}, EP rank {ranks[0]} "
+                f"reports {first.model}"
+            )
+        if rec.layers != first.layers:
+            raise ValueError(
+                f"vllm_wideep: EP rank {rank} reports layers {_short(rec.layers)}, EP rank "
+                f"{ranks[0]} reports {_short(first.layers)}; their loads cannot be summed"
+            )
+    load = torch.stack([rec.load for rec in records]).sum(dim=0)
+    return LoadRecord(first.model, list(first.layers), load)
+
+
+def _short(value) -> str:
+    """`repr` cut to a line, for messages about values of any size."""
+    return reprlib.repr(value)
 
 
 def home(num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int) -> Placement:
@@ -55,14 +105,94 @@ def home(num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int)
     return Placement(row.expand(num_layers, -1).clone(), num_ranks)
 
 
-def _record(args) -> int:
-    request = urllib.request.Request(
-        args.url.rstrip("/") + "/collective_rpc",
-        data=json.dumps({"method": "wideep_load"}).encode(),
-        headers={"Content-Type": "application/json"},
+def fetch(url: str, body: bytes, timeout: float) -> bytes:
+    """POST `body` (JSON) to `url`; the reply's body, or a ValueError saying why not.
+
+    `timeout` is a deadline for the whole exchange, not per read: a watchdog shuts the
+    socket at the deadline, so a server that drips bytes cannot keep it open."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"vllm_wideep: --url {url!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"vllm_wideep: --url {url!r} must be http(s)://HOST[:PORT][/PATH]")
+    connection_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
     )
-    with urllib.request.urlopen(request, timeout=args.timeout) as response:
-        replies = json.loads(response.read())["results"]
+    conn = connection_class(parts.hostname, port, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    late = f"vllm_wideep: no complete reply from {url} within --timeout {timeout:g} s"
+    connected = False
+    try:
+        conn.connect()
+        connected = True
+        watchdog.interval = max(0.0, deadline - time.monotonic())
+        watchdog.start()
+        conn.request(
+            "POST",
+            parts.path.rstrip("/") + "/collective_rpc",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
+        response = conn.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        if expired.is_set() or isinstance(e, TimeoutError):
+            raise ValueError(late) from None
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        if not connected:
+            raise ValueError(f"vllm_wideep: cannot reach {url}: {reason}") from None
+        raise ValueError(f"vllm_wideep: the exchange with {url} failed: {reason}") from None
+    finally:
+        watchdog.cancel()
+        conn.close()
+    if expired.is_set():
+        raise ValueError(late)
+    if response.status != 200:
+        excerpt = " ".join(data.decode("utf-8", "replace").split())[:200]
+        hint = (
+            " (POST /collective_rpc needs a server started with VLLM_SERVER_DEV_MODE=1)"
+            if response.status == 404
+            else ""
+        )
+        raise ValueError(
+            f"vllm_wideep: {url} answered HTTP {response.status} {response.reason}{hint}: "
+            f"{excerpt!r}"
+        )
+    return data
+
+
+def replies_from(data: bytes, url: str) -> list:
+    """The `results` list of a `/collective_rpc` reply body."""
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(
+            f"vllm_wideep: the reply from {url} is not JSON ({type(e).__name__}): "
+            f"{_short(data[:80])}"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        raise ValueError(f"vllm_wideep: the reply from {url} has no 'results' list: {_short(doc)}")
+    return doc["results"]
+
+
+def _record(args) -> int:
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout {args.timeout:g}: must be a finite number of seconds > 0")
+    body = json.dumps({"method": "wideep_load"}).encode()
+    replies = replies_from(fetch(args.url, body, args.timeout), args.url)
     record = record_from_replies(replies)
     write_load(args.out, record)
     print(
@@ -73,17 +203,31 @@ def _record(args) -> int:
 
 
 def _placement(args) -> int:
+    ep_size, redundant = args.ep_size, args.redundant_experts
+    if ep_size < 1:
+        raise ValueError(f"--ep-size {ep_size}: must be >= 1 (EP ranks)")
+    if redundant < 0:
+        raise ValueError(f"--redundant-experts {redundant}: must be >= 0")
     record = read_load(args.load)
     num_experts = record.model.num_experts
-    if num_experts % args.ep_size or args.redundant_experts % args.ep_size:
-        raise SystemExit(
-            f"--ep-size {args.ep_size} must divide the {num_experts} experts and "
-            f"--redundant-experts {args.redundant_experts}"
+    if num_experts % ep_size:
+        raise ValueError(
+            f"--ep-size {ep_size} must divide the {num_experts} experts of {args.load}"
         )
-    slots_per_rank = (num_experts + args.redundant_experts) // args.ep_size
-    before = home(len(record.layers), num_experts, args.ep_size, slots_per_rank)
-    phy2log = plan_placement(record.load, args.ep_size, slots_per_rank)
-    after = Placement(phy2log, args.ep_size)
+    most = num_experts * (ep_size - 1)  # then every rank holds every expert once
+    if redundant > most:
+        raise ValueError(
+            f"--redundant-experts {redundant}: must be at most {most} = {num_experts} experts "
+            f"x (--ep-size {ep_size} - 1), where every rank already holds every expert"
+        )
+    if redundant % ep_size:
+        raise ValueError(
+            f"--redundant-experts {redundant} must be a multiple of --ep-size {ep_size}"
+        )
+    slots_per_rank = (num_experts + redundant) // ep_size
+    before = home(len(record.layers), num_experts, ep_size, slots_per_rank)
+    phy2log = plan_placement(record.load, ep_size, slots_per_rank)
+    after = Placement(phy2log, ep_size)
     write_placement(args.out, PlacementRecord(record.model, record.layers, after))
     print(f"{'layer':<40} {'balancedness before':>20} {'after':>8}")
     for name, b, a in zip(
@@ -93,7 +237,7 @@ def _placement(args) -> int:
         strict=True,
     ):
         print(f"{name:<40} {b:>20.3f} {a:>8.3f}")
-    print(f"-> {args.out} ({args.ep_size} ranks x {slots_per_rank} slots)")
+    print(f"-> {args.out} ({ep_size} ranks x {slots_per_rank} slots)")
     return 0
 
 
@@ -130,7 +274,12 @@ def _heatmap(args) -> int:
         ax.set_yticks(range(num_layers), [name.removesuffix(".experts") for name in record.layers])
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+    try:
+        fig.savefig(args.out, dpi=100)
+    except OSError as e:
+        raise ValueError(f"cannot write {args.out}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
     print(f"-> {args.out}")
     return 0
 
@@ -145,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     record = sub.add_parser("record", help="read the expert load of a running server")
     record.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     record.add_argument("--out", required=True, help="load file to write")
-    record.add_argument("--timeout", type=float, default=60.0)
+    record.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds for the whole exchange with the server (default 60)",
+    )
     record.set_defaults(run=_record)
     place = sub.add_parser("placement", help="turn a load file into a placement file")
     place.add_argument("--load", required=True)
@@ -171,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(str(e).removeprefix("vllm_wideep: ").splitlines())
+        print(f"vllm-wideep eplb: error: {message}", file=sys.stderr)
         return 2
 
 

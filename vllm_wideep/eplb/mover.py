@@ -7,14 +7,19 @@ can run between them while the bytes travel (`apply_moves` calls both at once):
     begin_moves    1. stage: every changed slot of this rank is filled into a staging
                       buffer, by a local copy when this rank already holds the expert,
                       else by a P2P receive; sends read the old weights, which are not
-                      written yet, so the order of moves does not matter; returns at once
+                      written yet, so the order of moves does not matter. The group agrees
+                      that every rank prepared its part before any byte travels (else
+                      every rank raises `MovesRefused`); returns at once
     finish_moves   2. verify: each staged slot's checksum must equal its source slot's
                       (computed by the source rank and all-reduced); the group agrees with
                       an all-reduce (MIN);
                    3. commit, only if every rank verified: copy the staged slots into the
                       weights in place (same storage: captured CUDA graphs stay valid).
 
-A failed verification leaves every rank's weights as they were and returns False.
+A failed verification leaves every rank's weights as they were and returns False. Every
+failure a rank can vote on is agreed by all ranks, so no rank waits on a peer that gave up;
+a transfer that fails (a dead peer, the group's timeout) raises on the ranks that see it,
+and the group cannot go on.
 
 Worked example (S = 2; old = [0, 1 | 2, 3], new = [0, 2 | 2, 1]):
     slot 1 (rank 0) gets expert 2 from slot 2 (rank 1): a P2P transfer
@@ -135,6 +140,12 @@ class MovesInFlight:
     stream: torch.cuda.Stream | None  # side stream of the local copies (GPU)
 
 
+class MovesRefused(RuntimeError):
+    """A rank could not prepare its part of a layer's moves (staging memory, a bad
+    placement...): every rank of the group raises it, at the same point, before any weight
+    byte travels, so all keep the old placement together."""
+
+
 def begin_moves(
     plan: MovePlan,
     weights: list[torch.Tensor],
@@ -146,46 +157,77 @@ def begin_moves(
     the P2P transfers progress in the background (gloo's transport threads on CPU,
     NCCL's stream on GPU) and the local copies run on a side stream on GPU. The weights
     are only read until `finish_moves`, so forward passes may run in between. A
-    collective over `group`: every rank calls it with the same plan, in the same order."""
-    first_slot = rank * plan.slots_per_rank
-    incoming = plan.incoming(rank)
-    staged_row = {m.dst_slot: i for i, m in enumerate(incoming)}
+    collective over `group`: every rank calls it with the same plan, in the same order.
+
+    Each rank first prepares its part alone (source checksums, staging buffers, local
+    copies); the group then agrees (an all-reduce MIN of "prepared"), and only if every
+    rank prepared do the transfers start. Otherwise every rank raises `MovesRefused`."""
     device = weights[0].device
     stream = None
     if device.type == "cuda":
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))  # weights written before
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        # Sources' checksums (of the old weights); each source is set by its own rank.
-        sources = torch.zeros(num_ranks * plan.slots_per_rank, 2, dtype=torch.int64, device=device)
-        for m in plan.moves:
-            if plan.rank_of(m.src_slot) == rank:
-                sources[m.src_slot] = slot_checksum(weights, m.src_slot - first_slot)
+        try:
+            sources, staged = _prepare(plan, weights, rank, num_ranks, device)
+            failure = None
+        except (RuntimeError, ValueError) as error:  # torch.OutOfMemoryError included
+            sources, staged, failure = None, None, error
+        if not agree(failure is None, num_ranks, group, device):
+            where = f"this rank: {failure}" if failure is not None else "on another rank"
+            raise MovesRefused(f"a rank could not prepare its expert moves ({where})")
         works = []
         if num_ranks > 1:
             works.append(dist.all_reduce(sources, group=group, async_op=True))
-
-        staged = [w.new_empty((len(incoming), *w.shape[1:])) for w in weights]
-        ops = []
-        for m in plan.moves:  # the same order on every rank pairs the sends and receives
-            src_rank, dst_rank = plan.rank_of(m.src_slot), plan.rank_of(m.dst_slot)
-            if src_rank == rank and dst_rank != rank:
-                peer = _global_rank(group, dst_rank)
-                ops += [
-                    dist.P2POp(dist.isend, w[m.src_slot - first_slot], peer, group) for w in weights
-                ]
-            elif dst_rank == rank and src_rank != rank:
-                peer = _global_rank(group, src_rank)
-                ops += [
-                    dist.P2POp(dist.irecv, s[staged_row[m.dst_slot]], peer, group) for s in staged
-                ]
-        for i, m in enumerate(incoming):
-            if plan.rank_of(m.src_slot) == rank:
-                for w, s in zip(weights, staged, strict=True):
-                    s[i].copy_(w[m.src_slot - first_slot])
+        ops = _transfers(plan, weights, staged, rank, group)
         if ops:
             works += dist.batch_isend_irecv(ops)
     return MovesInFlight(plan, weights, rank, num_ranks, group, staged, sources, works, stream)
+
+
+def _prepare(plan: MovePlan, weights, rank: int, num_ranks: int, device):
+    """This rank's part before any byte travels: `[N, 2]` source checksums (its own
+    sources set, the rest 0) and the staging rows of its incoming moves, local ones
+    filled."""
+    first_slot = rank * plan.slots_per_rank
+    incoming = plan.incoming(rank)
+    sources = torch.zeros(num_ranks * plan.slots_per_rank, 2, dtype=torch.int64, device=device)
+    for m in plan.moves:
+        if plan.rank_of(m.src_slot) == rank:
+            sources[m.src_slot] = slot_checksum(weights, m.src_slot - first_slot)
+    staged = [w.new_empty((len(incoming), *w.shape[1:])) for w in weights]
+    for i, m in enumerate(incoming):
+        if plan.rank_of(m.src_slot) == rank:
+            for w, s in zip(weights, staged, strict=True):
+                s[i].copy_(w[m.src_slot - first_slot])
+    return sources, staged
+
+
+def _transfers(plan: MovePlan, weights, staged, rank: int, group) -> list:
+    """The P2P sends and receives of this rank, in plan order on every rank (which pairs
+    each send with its receive)."""
+    first_slot = rank * plan.slots_per_rank
+    staged_row = {m.dst_slot: i for i, m in enumerate(plan.incoming(rank))}
+    ops = []
+    for m in plan.moves:
+        src_rank, dst_rank = plan.rank_of(m.src_slot), plan.rank_of(m.dst_slot)
+        if src_rank == rank and dst_rank != rank:
+            peer = _global_rank(group, dst_rank)
+            ops += [
+                dist.P2POp(dist.isend, w[m.src_slot - first_slot], peer, group) for w in weights
+            ]
+        elif dst_rank == rank and src_rank != rank:
+            peer = _global_rank(group, src_rank)
+            ops += [dist.P2POp(dist.irecv, s[staged_row[m.dst_slot]], peer, group) for s in staged]
+    return ops
+
+
+def agree(ok: bool, num_ranks: int, group: dist.ProcessGroup | None, device) -> bool:
+    """Whether every rank of `group` says ok (an all-reduce MIN; a collective)."""
+    verdict = torch.tensor([int(ok)], dtype=torch.int64, device=device)
+    if num_ranks > 1:
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+    return bool(verdict.item())
 
 
 def finish_moves(moves: MovesInFlight) -> bool:
@@ -206,10 +248,7 @@ def finish_moves(moves: MovesInFlight) -> bool:
 
     incoming = plan.incoming(rank)
     ok = verify(moves.staged, [moves.sources[m.src_slot] for m in incoming])
-    verdict = torch.tensor([int(ok)], dtype=torch.int64, device=device)
-    if moves.num_ranks > 1:
-        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=moves.group)
-    if not bool(verdict.item()):
+    if not agree(ok, moves.num_ranks, moves.group, device):
         return False
 
     first_slot = rank * plan.slots_per_rank

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from vllm_wideep.comm.base import TrafficCounters
@@ -43,11 +44,16 @@ class WorkerState:
     balancer: Balancer | None = None
     publisher: Any = None
 
-    def balancer_or_none(self, group_factory: Callable[[], Any]) -> Balancer | None:
+    def balancer_or_none(
+        self, group_factory: Callable[[], Any], timeout: timedelta | None = None
+    ) -> Balancer | None:
         """The balancer over every registered layer, made on first use with the EP
-        process group `group_factory()` returns; None without layers."""
+        process group `group_factory()` returns and its collectives' `timeout`; None
+        without layers."""
         if self.balancer is None and self.slots:
-            self.balancer = Balancer(list(self.slots.values()), self.config, group_factory())
+            self.balancer = Balancer(
+                list(self.slots.values()), self.config, group_factory(), timeout=timeout
+            )
         return self.balancer
 
 

@@ -12,6 +12,7 @@ supported `worker_extension_cls` option (set by `engine.adjust_engine_args`).
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any
 
 from vllm_wideep.layer.state import WorkerState, worker_state
@@ -63,8 +64,8 @@ class WideEPWorkerExtension:
         [L][N]}`; a recorder sums "load" over ranks."""
         from vllm_wideep.eplb.files import ModelIdentity
 
-        state = worker_state(self.vllm_config.parallel_config)
-        balancer = None if state is None else state.balancer_or_none(_ep_device_group)
+        parallel_config = self.vllm_config.parallel_config
+        balancer = _balancer(worker_state(parallel_config), parallel_config)
         if balancer is None:
             raise RuntimeError("vllm_wideep: this engine has no wide-EP MoE layer")
         return {
@@ -85,11 +86,27 @@ def _ep_device_group():
     return get_ep_group().device_group
 
 
+def collective_timeout(parallel_config) -> timedelta | None:
+    """How long the plugin's own collectives wait for a peer: vLLM's
+    --distributed-timeout-seconds, else (gloo, CPU) --cpu-distributed-timeout-seconds,
+    else torch's default."""
+    seconds = parallel_config.distributed_timeout_seconds
+    if seconds is None:
+        seconds = parallel_config.cpu_distributed_timeout_seconds
+    return None if seconds is None else timedelta(seconds=seconds)
+
+
+def _balancer(state: WorkerState | None, parallel_config):
+    if state is None:
+        return None
+    return state.balancer_or_none(_ep_device_group, collective_timeout(parallel_config))
+
+
 def step_balancer(parallel_config, is_dummy: bool, is_profile: bool) -> None:
     """After every engine step (and dummy step) on every rank: the balancer's step, and
     the metrics snapshot every `PUBLISH_EVERY` steps and when a rebalance completes."""
-    state: WorkerState | None = worker_state(parallel_config)
-    balancer = None if state is None else state.balancer_or_none(_ep_device_group)
+    state = worker_state(parallel_config)
+    balancer = _balancer(state, parallel_config)
     if balancer is None:
         return
     moving = balancer.moving
