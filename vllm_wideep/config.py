@@ -57,10 +57,12 @@ class WideEPConfig:
     capacity_tokens: int = field(
         default=0,
         metadata={
-            "help": "Rows per peer buffer of the 'capacity' exchange; 0 = the per-rank "
-            "token budget ceil(max_num_batched_tokens / TP), which never overflows. A "
-            "smaller value (raised to the largest CUDA-graph batch) sends less padding; "
-            "eager batches with more rows for a peer send the rest in a second round."
+            "help": "Rows per peer buffer of the 'capacity' exchange; 0 = the largest "
+            "CUDA-graph batch per rank (without graphs, the per-rank token budget "
+            "ceil(max_num_batched_tokens / TP), which never overflows). Any value is raised "
+            "to the largest CUDA-graph batch, so captured batches never overflow; eager "
+            "batches with more rows for a peer send the rest in a second round. The buffer "
+            "memory per rank is logged at start."
         },
     )
     dispatch_dtype: DispatchDtype = field(

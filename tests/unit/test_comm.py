@@ -72,7 +72,10 @@ def test_deepseek_row_sizes():
 
 
 def test_capacity_rows():
-    assert capacity_rows(0, max_tokens_per_rank=4096) == 4096  # worst case: never overflows
+    assert capacity_rows(0, max_tokens_per_rank=4096) == 4096  # no graphs: never overflows
+    # with CUDA graphs: sized for a captured (decode) batch; larger batches overflow
+    assert capacity_rows(0, max_tokens_per_rank=4096, graph_tokens_per_rank=512) == 512
+    assert capacity_rows(0, max_tokens_per_rank=256, graph_tokens_per_rank=512) == 256
     assert capacity_rows(64, max_tokens_per_rank=4096) == 64
     # raised to the largest CUDA-graph batch, so a captured batch never needs a host read
     assert capacity_rows(64, max_tokens_per_rank=4096, graph_tokens_per_rank=256) == 256

@@ -19,8 +19,11 @@ Capacity and overflow. A rank dispatches at most `max_tokens_per_rank` rows
 (ceil(max_num_batched_tokens / TP): the scheduler's token budget, TP-sliced), so a peer
 receives at most that many from it:
 
-* `capacity_tokens = 0` (default): C = max_tokens_per_rank. No batch can overflow; no
-  host read, ever. Most padding.
+* `capacity_tokens = 0` (default): with CUDA graphs, C = the largest graph batch per rank
+  (what a decode step can send: captured batches never overflow, larger eager batches such
+  as prefill chunks take the second round below); without graphs, C = max_tokens_per_rank,
+  and no batch can overflow. At DeepSeek-V3 shapes, EP 64, an 8192-token budget and graph
+  batches up to 512, a call's buffers per rank are 0.47 GB each way instead of 7.55 GB.
 * `capacity_tokens = N`: C = max(N, the largest CUDA-graph batch per rank), capped at
   max_tokens_per_rank. Captured batches cannot overflow, so they run without a host read.
   Outside capture (eager batches larger than the graph sizes), the host reads the
@@ -57,7 +60,8 @@ def capacity_rows(
 ) -> int:
     """Rows per peer block, C (see the module docstring).
 
-    capacity_tokens: the `capacity_tokens` option; 0 = max_tokens_per_rank.
+    capacity_tokens: the `capacity_tokens` option; 0 = the largest graph batch, or
+        max_tokens_per_rank without graphs.
     max_tokens_per_rank: the most rows one rank dispatches in a call.
     graph_tokens_per_rank: the most rows per rank of a CUDA-graph batch (0 = no graphs).
     """
@@ -67,8 +71,13 @@ def capacity_rows(
             f"max_tokens_per_rank >= 1 (got {max_tokens_per_rank})"
         )
     if capacity_tokens == 0:
-        return max_tokens_per_rank
+        return min(graph_tokens_per_rank or max_tokens_per_rank, max_tokens_per_rank)
     return min(max(capacity_tokens, graph_tokens_per_rank), max_tokens_per_rank)
+
+
+def capacity_buffer_bytes(capacity: int, num_ranks: int, row_bytes: int) -> int:
+    """Bytes of one call's send (or receive) buffer per rank: R blocks of C + 1 rows."""
+    return num_ranks * (capacity + 1) * row_bytes
 
 
 def _capturing() -> bool:

@@ -12,15 +12,21 @@ exchange, the experts, and the registration in the worker's state.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
+import torch.distributed as dist
 from vllm.config import get_current_vllm_config
 from vllm.distributed import get_ep_group, get_tp_group
+from vllm.logger import init_logger
 from vllm.model_executor.layers.fused_moe import modular_kernel as mk
 from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
     UnquantizedFusedMoEMethod,
 )
 
+from vllm_wideep.comm.capacity import CapacityDispatcher, capacity_buffer_bytes
+from vllm_wideep.comm.packing import RowFormat
 from vllm_wideep.comm.registry import make_dispatcher
 from vllm_wideep.config import WideEPConfig
 from vllm_wideep.eplb.files import read_placement
@@ -30,6 +36,8 @@ from vllm_wideep.kernels.fp8 import Fp8Experts
 from vllm_wideep.layer.experts import WideEPExperts
 from vllm_wideep.layer.prepare_finalize import TokenSlice, WideEPPrepareAndFinalize
 from vllm_wideep.layer.state import register_layer
+
+logger = init_logger("vllm_wideep")
 
 
 def current_wideep_config() -> WideEPConfig:
@@ -121,12 +129,37 @@ def _make_prepare_finalize(
         max_tokens_per_rank=-(-budget // tp_size),
         graph_tokens_per_rank=-(-graph_tokens // tp_size),
     )
+    if isinstance(dispatcher, CapacityDispatcher):
+        _log_capacity(dispatcher, moe, config)
     if moe.moe_parallel_config.is_sequence_parallel:
         token_slice = TokenSlice(rank=0, size=1)  # vLLM already split the tokens
     else:
         tp_group = get_tp_group()
         token_slice = TokenSlice(tp_group.rank_in_group, tp_group.world_size)
     return WideEPPrepareAndFinalize(dispatcher, token_slice, ep_group.world_size, slots=slots)
+
+
+_capacity_logged = False
+
+
+def _log_capacity(dispatcher: CapacityDispatcher, moe, config: WideEPConfig) -> None:
+    """Once per process: the `capacity` exchange's rows per peer and buffer memory."""
+    global _capacity_logged
+    if _capacity_logged:
+        return
+    _capacity_logged = True
+    row = RowFormat(
+        moe.hidden_dim, moe.experts_per_token, moe.in_dtype, config.dispatch_dtype == "fp8"
+    )
+    nbytes = capacity_buffer_bytes(dispatcher.capacity, dispatcher.num_ranks, row.nbytes)
+    logger.info(
+        "vllm_wideep: capacity exchange: %d rows per peer block (%s), %.1f MiB sent and "
+        "%.1f MiB received per rank and MoE layer call",
+        dispatcher.capacity,
+        "may overflow into a second round" if dispatcher.may_overflow else "never overflows",
+        nbytes / 2**20,
+        nbytes / 2**20,
+    )
 
 
 def _make_slots(config: WideEPConfig, moe, layer, weights: list[torch.Tensor]) -> ExpertSlots:
@@ -140,6 +173,9 @@ def _make_slots(config: WideEPConfig, moe, layer, weights: list[torch.Tensor]) -
     if config.placement is not None:
         home = slots.physical_to_logical
         target = _placement_row(config.placement, layer.layer_name, home)
+        _check_same_on_every_rank(
+            target, config.placement, layer.layer_name, ep_group, weights[0].device
+        )
         plan = plan_moves(home, target, slots.slots_per_rank)
         if not apply_moves(plan, weights, rank, num_ranks, ep_group.device_group):
             raise RuntimeError(
@@ -148,6 +184,22 @@ def _make_slots(config: WideEPConfig, moe, layer, weights: list[torch.Tensor]) -
             )
         slots.set_placement(target)
     return slots
+
+
+def _check_same_on_every_rank(
+    row: torch.Tensor, path: str, layer_name: str, ep_group, device: torch.device
+) -> None:
+    """Every rank read the same placement row (a file replaced while ranks load would split
+    the group): all-reduce MAX of the row's digest and of its negation; all ranks raise
+    together when they differ."""
+    digest = int(hashlib.sha256(row.cpu().numpy().tobytes()).hexdigest()[:15], 16)
+    both = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=ep_group.device_group)
+    if both.tolist() != [digest, -digest]:
+        raise RuntimeError(
+            f"vllm_wideep: the EP ranks read different placements for {layer_name} from "
+            f"{path} (was the file replaced while the server started?)"
+        )
 
 
 def _placement_row(path: str, layer_name: str, home: torch.Tensor) -> torch.Tensor:
