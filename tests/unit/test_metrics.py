@@ -48,6 +48,9 @@ def test_snapshots_of_this_run_are_served_and_summed(tmp_path, monkeypatch, bala
     assert served["vllm_wideep:rank_tokens"] == {("layers.1", "0"): 3, ("layers.1", "1"): 3}
     assert served["vllm_wideep:balancedness"] == {("layers.1",): 1.0}
     assert _families(metrics.WideEPCollector(tmp_path, "run-b"))["vllm_wideep:expert_load"] == {}
+    model = {"architecture": "DeepseekV3ForCausalLM", "num_experts": 4, "hidden_size": 2}
+    info = _families(metrics.WideEPCollector(tmp_path, "run-a", model))["vllm_wideep:model_info"]
+    assert info == {("DeepseekV3ForCausalLM", "4", "2"): 1.0}
 
 
 @pytest.mark.parametrize(

@@ -218,6 +218,7 @@ def patch_engine_config() -> None:
     """Wrap `EngineArgs.create_engine_config`: every entry point calls it in the front end."""
     from vllm.engine.arg_utils import EngineArgs
 
+    from vllm_wideep.eplb.files import ModelIdentity
     from vllm_wideep.plugin.metrics import install_collector
     from vllm_wideep.plugin.ray_cpu import prepare_ray_workers, refuse_ray_on_cpu
 
@@ -239,7 +240,7 @@ def patch_engine_config() -> None:
                 **(self.additional_config or {}),
                 ADDITIONAL_CONFIG_KEY: config.to_dict(),
             }
-            install_collector()
+            install_collector(dataclasses.asdict(ModelIdentity.from_model_config(model_config)))
             vllm_config = original(self, *args, **kwargs)
             prepare_ray_workers(vllm_config)
             _logger().info("vllm_wideep: wide EP enabled with %s", config)

@@ -11,6 +11,7 @@ collector in the API server reads them on every scrape:
     vllm_wideep:expert_load{layer, expert}       tokens routed to each logical expert in the
                                                  balancer's load window, summed over ranks
                                                  (what `vllm-wideep eplb record` reads)
+    vllm_wideep:model_info{architecture, num_experts, hidden_size}   1: the model served
     vllm_wideep:eplb_rebalances_total{layer}     layers moved to a new placement
     vllm_wideep:eplb_failures_total{layer}       moves that failed (every rank kept the old)
     vllm_wideep:eplb_moved_bytes_total{layer}    expert weight bytes sent between ranks
@@ -161,9 +162,10 @@ def read_snapshots(folder: Path, run: str | None) -> list[dict[str, Any]]:
 class WideEPCollector:
     """API-server side: a Prometheus collector over the workers' snapshots."""
 
-    def __init__(self, folder: Path, run: str | None = None):
+    def __init__(self, folder: Path, run: str | None = None, model: dict[str, Any] | None = None):
         self.folder = folder
         self.run = run
+        self.model = model or {}
 
     def describe(self):
         return []
@@ -222,14 +224,22 @@ class WideEPCollector:
                 # Every rank moves the same layers: count a rebalance once, sum the bytes.
                 value = max(values) if key in ("rebalances", "failures", "seconds") else sum(values)
                 family.add_metric([layer], value)
-        return [rank_tokens, balancedness, expert_load, *counters.values()]
+        model_info = GaugeMetricFamily(
+            "vllm_wideep:model_info",
+            "the model the load is for (value 1)",
+            labels=list(self.model),
+        )
+        if self.model:
+            model_info.add_metric([str(v) for v in self.model.values()], 1)
+        return [model_info, rank_tokens, balancedness, expert_load, *counters.values()]
 
 
 _collector: WideEPCollector | None = None
 
 
-def install_collector() -> None:
-    """Add the collector to the registry vLLM's `/metrics` serves (once per process)."""
+def install_collector(model: dict[str, Any] | None = None) -> None:
+    """Add the collector to the registry vLLM's `/metrics` serves (once per process).
+    model: the served model's identity (`eplb.files.ModelIdentity` as a dict)."""
     import sys
 
     import prometheus_client
@@ -239,7 +249,7 @@ def install_collector() -> None:
     folder = ensure_metrics_dir()
     if _collector is not None:
         return
-    _collector = collector = WideEPCollector(folder, os.environ[METRICS_RUN_ENV])
+    _collector = collector = WideEPCollector(folder, os.environ[METRICS_RUN_ENV], model)
     prometheus_client.REGISTRY.register(collector)
 
     # With several API servers vLLM serves a separate multiprocess registry.
