@@ -236,3 +236,25 @@ def test_unsupported_quantization_is_refused_naming_it(engine_config, tiny_model
     message = str(error.value)
     assert f"its checkpoint is quantized as {name}." in message
     assert "Supported checkpoints: unquantized" in message and "fp8 with 128x128" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"eplb_window": 10**9}, r"would keep \d+\.\d GiB of load statistics per rank"),
+        ({"redundant_experts": 16}, r"more than one extra copy of each of the model's 8"),
+        ({"placement": ""}, r"--wideep-placement is empty"),
+        ({"placement": "  "}, r"--wideep-placement is empty"),
+    ],
+)
+def test_options_out_of_proportion_are_refused(engine_config, tiny_model, options, message):
+    with pytest.raises(ValueError, match=message):
+        engine_config(
+            tiny_model("mixtral"), additional_config={"wideep": {"enabled": True, **options}}
+        )
+
+
+def test_a_directory_as_placement_file_is_refused(engine_config, tiny_model, tmp_path):
+    bad = {"wideep": {"enabled": True, "placement": str(tmp_path)}}
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        engine_config(tiny_model("mixtral"), additional_config=bad)

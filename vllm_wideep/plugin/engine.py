@@ -183,14 +183,47 @@ def choose_quantization(model_config) -> str | None:
     )
 
 
+# The most device memory the load statistics may take per rank (the window's ring).
+MAX_STATS_BYTES = 1 << 30
+
+
+def check_option_memory(config: WideEPConfig, model_config) -> None:
+    """Refuse option values whose memory is out of proportion, saying how much they imply.
+
+    eplb_window: the 'window' statistics keep a ring of `window x layers x experts` int64
+    on every rank. redundant_experts: each redundant slot holds a copy of an expert; more
+    than one copy of every expert (E redundant slots) is refused."""
+    num_experts = model_config.get_num_experts()
+    layers = model_config.get_total_num_hidden_layers()
+    if config.eplb_stats == "window":
+        ring = config.eplb_window * layers * num_experts * 8
+        if ring > MAX_STATS_BYTES:
+            raise ValueError(
+                f"vllm_wideep: --wideep-eplb-window {config.eplb_window} would keep "
+                f"{ring / 2**30:.1f} GiB of load statistics per rank ({config.eplb_window} "
+                f"steps x {layers} layers x {num_experts} experts x 8 bytes; at most "
+                f"{MAX_STATS_BYTES / 2**30:.0f} GiB): use a smaller window, or "
+                f"--wideep-eplb-stats decay, which keeps one step's worth"
+            )
+    if config.redundant_experts > num_experts:
+        raise ValueError(
+            f"vllm_wideep: --wideep-redundant-experts {config.redundant_experts} is more than "
+            f"one extra copy of each of the model's {num_experts} routed experts (each slot "
+            f"holds a whole expert's weights); use at most {num_experts}"
+        )
+
+
 def resolve_balancing(config: WideEPConfig, model_config, ep_size: int) -> WideEPConfig:
     """Check the load-balancing options against the model and EP size; a placement file
     fixes the slot count (`redundant_experts` follows from it when not given)."""
     num_experts = model_config.get_num_experts()
     redundant = config.redundant_experts
+    check_option_memory(config, model_config)
     if config.placement is not None:
         from vllm_wideep.eplb.files import ModelIdentity, read_placement
 
+        if not config.placement.strip():
+            raise ValueError("vllm_wideep: --wideep-placement is empty: give a placement file")
         path = os.path.abspath(config.placement)
         record = read_placement(path)
         record.model.check_matches(ModelIdentity.from_model_config(model_config), path)
