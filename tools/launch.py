@@ -2,7 +2,9 @@
 
 vLLM leaves EngineCore/worker processes behind when its front process is killed, so
 every run gets its own session (process group) and the whole group is killed at the end.
-Used by tests/e2e and by `make eval` (`tools.accuracy.eval`).
+When this process gets SIGTERM or SIGHUP, every group it started is killed first and then
+the signal takes its usual course (`CHILD_GROUPS`). Used by tests/e2e and by `make eval`
+(`tools.accuracy.eval`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -44,18 +47,80 @@ def e2e_env(num_ranks: int = 1, **extra: str) -> dict[str, str]:
     return env
 
 
+class ChildGroups:
+    """The process groups this process started and has not killed yet. On SIGTERM or SIGHUP
+    it SIGKILLs them all, then the signal does what it did before: the earlier Python
+    handler runs, or (the default) the process dies of the signal, exit status 128 + signum.
+    A signal already ignored (`nohup` ignores SIGHUP) stays ignored.
+
+    The handlers go in at the first `popen` from the main thread (Python allows no other).
+    A signal that comes while `popen` starts a child waits until the child is registered,
+    so no child escapes."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.live: dict[int, subprocess.Popen] = {}  # group id (= the child's pid) -> child
+        self._previous: dict[int, object] = {}  # signum -> the handler before ours
+        self._starting: set[int] = set()  # ids of the threads inside `popen`
+        self._pending: int | None = None  # a signal that came during `popen`
+
+    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+        """`subprocess.Popen(args, start_new_session=True, **kwargs)`, registered."""
+        self._install()
+        self._starting.add(threading.get_ident())
+        try:
+            proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+            self.live[proc.pid] = proc
+        finally:
+            self._starting.discard(threading.get_ident())
+            if self._pending is not None and not self._starting:
+                signal.raise_signal(self._pending)  # handled again, in the main thread
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the group of `proc` (its children too) and reap `proc`."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.live.pop(proc.pid, None)  # after the kill: a signal in between finds it still
+        proc.wait()
+
+    def _install(self) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous != signal.SIG_IGN:
+                self._previous[signum] = previous
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._starting:
+            self._pending = signum
+            return
+        self._pending = None
+        for pgid in list(self.live):  # no wait() here: the main thread may hold its lock
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+CHILD_GROUPS = ChildGroups()
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    CHILD_GROUPS.kill(proc)
 
 
 def run_group(args: list[str], env: dict[str, str], timeout: float) -> str:
     """Run a command in its own process group; return its output, raise on failure."""
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        proc = CHILD_GROUPS.popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -87,9 +152,7 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [str(VENV_BIN / "vllm"), "serve", model, "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), *args]
-        self.proc = subprocess.Popen(
-            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.proc = CHILD_GROUPS.popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
         self.log.flush()

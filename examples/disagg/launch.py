@@ -14,7 +14,8 @@ KV travels through `ExampleConnector`'s shared folder (WORKDIR/kv, emptied at st
 which works on CPU.
 Without `--model` a tiny Qwen3-MoE is written to WORKDIR/model (random weights). Arguments
 after `--` go to both `vllm serve` commands. Each process runs in a process group of its
-own, logs to WORKDIR/{prefill,decode,proxy}.log, and is killed on exit.
+own, logs to WORKDIR/{prefill,decode,proxy}.log, and is killed on exit; on SIGTERM or
+SIGHUP the launcher kills the three groups, then dies of the signal.
 
 With `--check` it sends a completion and a streamed chat request through the proxy,
 prints them and stops; otherwise it serves until Ctrl-C.
@@ -34,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -68,6 +70,72 @@ def kv_transfer_config(role: str, kv_path: Path) -> dict:
     }
 
 
+class ChildGroups:
+    """The process groups this process started and has not killed yet. On SIGTERM or SIGHUP
+    it SIGKILLs them all, then the signal does what it did before: the earlier Python
+    handler runs, or (the default) the process dies of the signal, exit status 128 + signum.
+    A signal already ignored (`nohup` ignores SIGHUP) stays ignored.
+
+    The handlers go in at the first `popen` from the main thread (Python allows no other).
+    A signal that comes while `popen` starts a child waits until the child is registered,
+    so no child escapes. (tools/launch.py has the same class; this example stands alone.)"""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.live: dict[int, subprocess.Popen] = {}  # group id (= the child's pid) -> child
+        self._previous: dict[int, object] = {}  # signum -> the handler before ours
+        self._starting: set[int] = set()  # ids of the threads inside `popen`
+        self._pending: int | None = None  # a signal that came during `popen`
+
+    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+        """`subprocess.Popen(args, start_new_session=True, **kwargs)`, registered."""
+        self._install()
+        self._starting.add(threading.get_ident())
+        try:
+            proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+            self.live[proc.pid] = proc
+        finally:
+            self._starting.discard(threading.get_ident())
+            if self._pending is not None and not self._starting:
+                signal.raise_signal(self._pending)  # handled again, in the main thread
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the group of `proc` (its children too) and reap `proc`."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.live.pop(proc.pid, None)  # after the kill: a signal in between finds it still
+        proc.wait()
+
+    def _install(self) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous != signal.SIG_IGN:
+                self._previous[signum] = previous
+                signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._starting:
+            self._pending = signum
+            return
+        self._pending = None
+        for pgid in list(self.live):  # no wait() here: the main thread may hold its lock
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+CHILD_GROUPS = ChildGroups()
+
+
 class Process:
     """A command in its own process group, logging to a file."""
 
@@ -76,9 +144,7 @@ class Process:
         self.log = log
         with open(log, "a") as out:
             print("$", " ".join(cmd), file=out, flush=True)
-            self.proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.proc = CHILD_GROUPS.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float) -> None:
         """Poll GET /health until it answers 200; raise with the log tail otherwise."""
@@ -100,9 +166,7 @@ class Process:
 
     def kill(self) -> None:
         """SIGKILL the whole process group (vLLM's engine and worker processes too)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        CHILD_GROUPS.kill(self.proc)
 
 
 @dataclass
