@@ -5,7 +5,9 @@
     vllm-wideep tiny-model ...    write a tiny local MoE checkpoint
 
 Each subcommand lives in its own module and exposes `main(argv) -> int`; this file only
-routes to it, so `vllm-wideep --help` imports nothing heavy.
+routes to it, so `vllm-wideep --help` imports nothing heavy. A ValueError out of a subcommand
+is bad input: one line `vllm-wideep SUB: error: MESSAGE` on stderr and exit code 2. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vllm-wideep: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except ValueError as e:
+        message = " ".join(str(e).removeprefix("vllm_wideep: ").splitlines())
+        print(f"vllm-wideep {name}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

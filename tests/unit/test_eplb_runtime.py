@@ -195,6 +195,7 @@ def _model_config(architecture="Qwen3MoeForCausalLM", num_experts=16, hidden=128
         architectures=[architecture],
         get_num_experts=lambda: num_experts,
         get_hidden_size=lambda: hidden,
+        get_total_num_hidden_layers=lambda: 2,
         model="tiny",
     )
 

@@ -124,10 +124,11 @@ def fetch(url: str, body: bytes, timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     expired = threading.Event()
 
+    sockets: list[socket.socket] = []  # the connection drops its own once headers say close
+
     def expire() -> None:
         expired.set()
-        sock = conn.sock
-        if sock is not None:
+        for sock in sockets:
             with contextlib.suppress(OSError):  # already closed
                 sock.shutdown(socket.SHUT_RDWR)
 
@@ -138,6 +139,7 @@ def fetch(url: str, body: bytes, timeout: float) -> bytes:
     try:
         conn.connect()
         connected = True
+        sockets.append(conn.sock)
         watchdog.interval = max(0.0, deadline - time.monotonic())
         watchdog.start()
         conn.request(

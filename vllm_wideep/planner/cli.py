@@ -10,12 +10,15 @@
 
 The first form prints the Pareto frontier of each EP size (and, with a user-rate target, the
 best tokens/s per GPU of each EP size at that rate), writes the PNG and the JSON when asked.
+A number out of its range (NaN and infinity included) is one line `vllm-wideep plan: error:
+--FLAG VALUE: must be ...` giving the range, and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -141,6 +144,87 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- plan
 
+# Ranges of the numeric flags. The caps keep the sums finite and the sweep short; each is
+# far beyond any real deployment (GB200 NVL72 racks: 72 GPUs; MTP: 1-3 draft tokens).
+MAX_GPUS = 1_000_000
+MAX_TOKENS = 1e9  # --isl, --osl, --context, --prefill-tokens, --batch
+MAX_MTP_TOKENS = 64
+
+
+def _check_number(
+    flag: str,
+    value: float,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """ValueError unless `value` is finite and within the range, which the message gives."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if math.isfinite(value) and above and below:
+        return
+
+    def show(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    if high == math.inf:
+        allowed = f"{'>' if low_open else '>='} {show(low)}"
+    else:
+        allowed = (
+            f"in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
+        )
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    raise ValueError(f"{flag} {show(value)}: must be {kind} {allowed}")
+
+
+def _check_plan_args(args: argparse.Namespace) -> None:
+    """The ranges that need no model: every number finite, counts positive, fractions
+    fractions. `--gpus 0` or `--user-rate 0` is refused, not taken as not given."""
+    if args.gpus is not None:
+        _check_number("--gpus", args.gpus, 1, MAX_GPUS)
+    for ep in args.ep or ():
+        _check_number("--ep", ep, 1, MAX_GPUS)
+    for batch in args.batch:
+        _check_number("--batch", batch, 0, MAX_TOKENS, low_open=True)
+    if not args.batch:
+        raise ValueError("--batch: give at least one batch size per GPU")
+    _check_number("--isl", args.isl, 0, MAX_TOKENS)
+    _check_number("--osl", args.osl, 0, MAX_TOKENS)
+    if args.context is not None:
+        _check_number("--context", args.context, 0, MAX_TOKENS)
+    if args.prefill_tokens is not None:
+        _check_number("--prefill-tokens", args.prefill_tokens, 0, MAX_TOKENS, low_open=True)
+    _check_number("--imbalance", args.imbalance, 1)
+    _check_number("--mtp-tokens", args.mtp_tokens, 0, MAX_MTP_TOKENS)
+    _check_number("--mtp-acceptance", args.mtp_acceptance, 0, 1)
+    _check_number("--redundant-experts", args.redundant_experts, 0)
+    _check_number("--extra-slots-per-gpu", args.extra_slots_per_gpu, 0)
+    _check_number("--overlap", args.overlap, 0, 1)
+    _check_number("--memory-utilization", args.memory_utilization, 0, 1, low_open=True)
+    if args.user_rate is not None:
+        _check_number("--user-rate", args.user_rate, 0, low_open=True)
+    if args.tpot_target is not None:
+        _check_number("--tpot-target", args.tpot_target, 0, low_open=True)
+
+
+def _check_replicas(args: argparse.Namespace, num_experts: int, widest_ep: int) -> None:
+    """Replicas beyond one copy of every expert on every GPU of the widest EP size hold
+    nothing new."""
+    most = num_experts * (widest_ep - 1)
+    if args.redundant_experts > most:
+        raise ValueError(
+            f"--redundant-experts {args.redundant_experts}: must be an integer in [0, {most}] "
+            f"({num_experts} experts x (widest EP {widest_ep} - 1)), where every GPU already "
+            f"holds every expert"
+        )
+    if args.extra_slots_per_gpu > num_experts:
+        raise ValueError(
+            f"--extra-slots-per-gpu {args.extra_slots_per_gpu}: must be an integer in "
+            f"[0, {num_experts}] (the model's experts)"
+        )
+
 
 def _point(e: StepEstimate) -> dict[str, Any]:
     d = e.deployment
@@ -221,14 +305,18 @@ def _target_table(at_rate: dict[int, StepEstimate | None], user_rate: float) -> 
 
 
 def _plan(args: argparse.Namespace) -> int:
+    _check_plan_args(args)
     model = load_model_shape(args.model)
     hw = load_hardware(args.hardware)
     prec = load_precision(args.precision or model.weight_dtype)
-    ep_sizes = args.ep or default_ep_sizes(args.gpus or hw.scale_up_domain)
-    gpus = args.gpus or max(ep_sizes)
+    ep_sizes = args.ep or default_ep_sizes(
+        args.gpus if args.gpus is not None else hw.scale_up_domain
+    )
+    gpus = args.gpus if args.gpus is not None else max(ep_sizes)
     too_wide = [ep for ep in ep_sizes if ep > gpus]
     if too_wide:
         raise ValueError(f"EP sizes {too_wide} exceed --gpus {gpus}")
+    _check_replicas(args, model.num_experts, max(ep_sizes))
     context = args.context if args.context is not None else args.isl + args.osl / 2
     template = Deployment(
         ep_size=ep_sizes[0],
@@ -248,16 +336,18 @@ def _plan(args: argparse.Namespace) -> int:
     print()
     print(_frontier_table(curves, gpus))
 
-    user_rate = args.user_rate or (1000.0 / args.tpot_target if args.tpot_target else None)
+    user_rate = args.user_rate
+    if args.tpot_target is not None:
+        user_rate = 1000.0 / args.tpot_target
     at_rate: dict[int, StepEstimate | None] = {}
-    if user_rate:
+    if user_rate is not None:
         for ep in ep_sizes:
             at_rate[ep] = at_user_rate(model, hw, prec, replace(template, ep_size=ep), user_rate)
         print()
         print(_target_table(at_rate, user_rate))
 
     prefill: dict[int, StepEstimate] = {}
-    if args.prefill_tokens:
+    if args.prefill_tokens is not None:
         print()
         print(
             f"prefill, {args.prefill_tokens:g} prompt tokens per GPU, prompts of "
@@ -397,6 +487,10 @@ def _measure_cpu(argv: Sequence[str]) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    for batch in args.batch:
+        _check_number("--batch", batch, 1, MAX_TOKENS)
+    _check_number("--repeats", args.repeats, 1)
+    _check_number("--threads", args.threads, 1)
     if args.model:
         shape = load_model_shape(args.model)
     else:
@@ -442,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return subcommands[argv[0]](argv[1:])
         return _plan(_plan_parser().parse_args(argv))
     except ValueError as err:
-        print(f"vllm-wideep plan: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).removeprefix("vllm_wideep: ").splitlines())
+        print(f"vllm-wideep plan: error: {message}", file=sys.stderr)
         return 2
 
 
