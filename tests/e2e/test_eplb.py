@@ -46,14 +46,21 @@ def test_record_plan_and_serve_from_a_placement_file(tiny_model, stock, tmp_path
     with Server(model, ["--enable-wideep", *online, *SERVE], env) as server:
         before = server_complete(server, PROMPTS, MAX_TOKENS)
         server_complete(server, PROMPTS, 2 * MAX_TOKENS)  # more steps: more rebalances
-        _cli("record", "--url", server.url, "--out", str(load_file))
+        _cli("record", "--url", server.url, "--out", str(load_file), "--source", "rpc")
         metrics = server.get_text("/metrics")
+        _cli("record", "--url", server.url, "--out", str(tmp_path / "from_metrics.json"))
     assert_greedy_parity(stock[("qwen3_moe", "float32")], before, "float32")
     load = read_load(load_file)
     assert load.layers == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     # each layer saw every token once, with its top-4 choices, on one rank or the other
     per_layer = load.load.sum(dim=1)
     assert per_layer[0] == per_layer[1] > 0 and per_layer[0] % 4 == 0
+    # the same from /metrics (no dev mode), as of the workers' last snapshot
+    published = read_load(tmp_path / "from_metrics.json")
+    assert published.layers == load.layers and published.model == load.model
+    published_per_layer = published.load.sum(dim=1)
+    assert published_per_layer[0] == published_per_layer[1] > 0
+    assert published_per_layer[0] % 4 == 0 and published_per_layer[0] <= per_layer[0]
     balance = _metric(metrics, "vllm_wideep:balancedness")
     assert set(balance) == {f'layer="{name}"' for name in load.layers}, metrics[-2000:]
     assert all(0 < v <= 1 for v in balance.values())

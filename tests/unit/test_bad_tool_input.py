@@ -274,6 +274,10 @@ class _Server:
                 with contextlib.suppress(OSError):  # the client hung up
                     outer.handle(self)
 
+            def do_GET(self) -> None:  # noqa: N802
+                with contextlib.suppress(OSError):
+                    outer.handle(self)
+
             def log_message(self, *args) -> None:
                 pass
 
@@ -312,8 +316,11 @@ def server() -> Iterator[_Server]:
     s.close()
 
 
-def _record(url: str, out: Path, timeout: float = 5) -> list[str]:
-    return ["eplb", "record", "--url", url, "--out", str(out), "--timeout", str(timeout)]
+def _record(url: str, out: Path, timeout: float = 5, source: str = "rpc") -> list[str]:
+    return [
+        *("eplb", "record", "--url", url, "--out", str(out), "--timeout", str(timeout)),
+        *("--source", source),
+    ]
 
 
 def test_record_from_a_local_server(server, tmp_path, capsys):
@@ -503,3 +510,50 @@ def test_top_level_keeps_the_traceback_of_a_bug(monkeypatch):
     _fake_subcommand(monkeypatch, ZeroDivisionError("a bug"))
     with pytest.raises(ZeroDivisionError, match="a bug"):
         wideep_main(["fake"])
+
+
+def test_record_from_the_metrics_page(server, tmp_path, capsys, monkeypatch):
+    """Snapshots of two ranks -> the collector's /metrics page -> a load file: the load
+    summed over ranks, without the dev-mode RPC."""
+    import prometheus_client
+
+    from vllm_wideep.config import WideEPConfig
+    from vllm_wideep.eplb.balancer import Balancer
+    from vllm_wideep.eplb.location import ExpertSlots
+    from vllm_wideep.plugin import metrics
+
+    monkeypatch.setenv(metrics.METRICS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(metrics.METRICS_RUN_ENV, "run")
+    for rank in (0, 1):
+        layers = []
+        for name in ("model.layers.10.mlp.experts", "model.layers.9.mlp.experts"):
+            slots = ExpertSlots.create(name, [torch.zeros(16, 2)], 16, 1, 0, routed=False)
+            slots.route(torch.tensor([[rank], [15]]))
+            layers.append(slots)
+        balancer = Balancer(layers, WideEPConfig(enabled=True), None)
+        balancer.step()
+        metrics.Publisher(rank).publish(balancer)
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(metrics.WideEPCollector(tmp_path, "run", MODEL.__dict__))
+    server.reply(200, prometheus_client.generate_latest(registry), "text/plain")
+    out = tmp_path / "load.json"
+    assert wideep_main(_record(server.url, out, source="metrics")) == 0
+    record = read_load(out)
+    assert record.model == MODEL
+    assert record.layers == ["model.layers.9.mlp.experts", "model.layers.10.mlp.experts"]
+    expected = [1.0, 1.0] + [0.0] * 13 + [2.0]  # expert 0 from rank 0, 1 from rank 1
+    assert record.load.tolist() == [expected, expected]
+    assert "/metrics (summed over EP ranks)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("page", "message"),
+    [
+        (b"# nothing here\n", "no vllm_wideep:model_info"),
+        (b"not { prometheus", "is not a Prometheus page"),
+    ],
+)
+def test_record_from_a_metrics_page_without_wide_ep(server, tmp_path, capsys, page, message):
+    server.reply(200, page, "text/plain")
+    assert wideep_main(_record(server.url, tmp_path / "x.json", source="metrics")) == 2
+    assert message in capsys.readouterr().err

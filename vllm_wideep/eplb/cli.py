@@ -33,6 +33,7 @@ import torch
 
 from vllm_wideep.eplb.files import (
     LoadRecord,
+    ModelIdentity,
     PlacementRecord,
     load_from_dict,
     read_load,
@@ -105,8 +106,9 @@ def home(num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int)
     return Placement(row.expand(num_layers, -1).clone(), num_ranks)
 
 
-def fetch(url: str, body: bytes, timeout: float) -> bytes:
-    """POST `body` (JSON) to `url`; the reply's body, or a ValueError saying why not.
+def fetch(url: str, body: bytes | None, timeout: float, path: str = "/collective_rpc") -> bytes:
+    """POST `body` (JSON) to `url` + `path`, or GET it when `body` is None; the reply's
+    body, or a ValueError saying why not.
 
     `timeout` is a deadline for the whole exchange, not per read: a watchdog shuts the
     socket at the deadline, so a server that drips bytes cannot keep it open."""
@@ -143,10 +145,10 @@ def fetch(url: str, body: bytes, timeout: float) -> bytes:
         watchdog.interval = max(0.0, deadline - time.monotonic())
         watchdog.start()
         conn.request(
-            "POST",
-            parts.path.rstrip("/") + "/collective_rpc",
+            "GET" if body is None else "POST",
+            parts.path.rstrip("/") + path,
             body=body,
-            headers={"Content-Type": "application/json"},
+            headers={} if body is None else {"Content-Type": "application/json"},
         )
         response = conn.getresponse()
         data = response.read()
@@ -190,16 +192,77 @@ def replies_from(data: bytes, url: str) -> list:
     return doc["results"]
 
 
+def record_from_metrics(text: str, url: str) -> LoadRecord:
+    """A server's `/metrics` page -> the load record of its `vllm_wideep:expert_load`
+    (already summed over EP ranks) and `vllm_wideep:model_info`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+    except ValueError as e:
+        raise ValueError(f"vllm_wideep: {url}/metrics is not a Prometheus page: {e}") from None
+    info = families.get("vllm_wideep:model_info")
+    if info is None or not info.samples:
+        raise ValueError(
+            f"vllm_wideep: {url}/metrics has no vllm_wideep:model_info: is the server running "
+            f"with --enable-wideep?"
+        )
+    labels = info.samples[0].labels
+    model = ModelIdentity.from_dict(
+        {
+            "architecture": labels.get("architecture"),
+            "num_experts": _integer(labels.get("num_experts")),
+            "hidden_size": _integer(labels.get("hidden_size")),
+        },
+        f"{url}/metrics",
+    )
+    per_layer: dict[str, dict[int, float]] = {}
+    load_family = families.get("vllm_wideep:expert_load")
+    for sample in load_family.samples if load_family is not None else []:
+        expert = _integer(sample.labels.get("expert"))
+        per_layer.setdefault(sample.labels.get("layer", ""), {})[expert] = sample.value
+    if not per_layer:
+        raise ValueError(
+            f"vllm_wideep: {url}/metrics has no expert load yet (workers publish every 16 "
+            f"engine steps): send some requests first"
+        )
+    layers = sorted(per_layer, key=_natural_key)
+    experts = list(range(model.num_experts))
+    for layer in layers:
+        if sorted(per_layer[layer]) != experts:
+            raise ValueError(
+                f"vllm_wideep: {url}/metrics has the load of experts {sorted(per_layer[layer])} "
+                f"for {layer}, expected 0..{model.num_experts - 1}"
+            )
+    load = torch.tensor([[per_layer[layer][e] for e in experts] for layer in layers])
+    return LoadRecord(model, layers, load.double())
+
+
+def _integer(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+def _natural_key(name: str) -> list:
+    """`model.layers.10.mlp.experts` after `model.layers.9...`."""
+    return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
 def _record(args) -> int:
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError(f"--timeout {args.timeout:g}: must be a finite number of seconds > 0")
-    body = json.dumps({"method": "wideep_load"}).encode()
-    replies = replies_from(fetch(args.url, body, args.timeout), args.url)
-    record = record_from_replies(replies)
+    if args.source == "metrics":
+        page = fetch(args.url, None, args.timeout, path="/metrics")
+        record = record_from_metrics(page.decode("utf-8", "replace"), args.url)
+        source = "/metrics (summed over EP ranks)"
+    else:
+        body = json.dumps({"method": "wideep_load"}).encode()
+        replies = replies_from(fetch(args.url, body, args.timeout), args.url)
+        record = record_from_replies(replies)
+        source = f"{len(replies)} EP ranks"
     write_load(args.out, record)
     print(
         f"recorded {record.load.sum():.0f} expert choices over {len(record.layers)} layers "
-        f"from {len(replies)} EP ranks -> {args.out}"
+        f"from {source} -> {args.out}"
     )
     return 0
 
@@ -301,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="seconds for the whole exchange with the server (default 60)",
+    )
+    record.add_argument(
+        "--source",
+        choices=["metrics", "rpc"],
+        default="metrics",
+        help="'metrics': GET /metrics (vllm_wideep:expert_load, published every 16 steps); "
+        "'rpc': POST /collective_rpc wideep_load, the load window as of now (needs "
+        "VLLM_SERVER_DEV_MODE=1, which exposes every worker method without authentication)",
     )
     record.set_defaults(run=_record)
     place = sub.add_parser("placement", help="turn a load file into a placement file")
