@@ -31,13 +31,17 @@ def _layer(rank: int, world_size: int) -> ExpertSlots:
     return ExpertSlots.create("layers.1", weights, NUM_EXPERTS, world_size, rank, routed=True)
 
 
-def _balancer(rank: int, world_size: int) -> tuple[Balancer, ExpertSlots]:
+def _balancer(rank: int, world_size: int, timeout_s: float = 120) -> tuple[Balancer, ExpertSlots]:
+    """A balancer whose group waits `timeout_s` for a peer (long, except where a test
+    stalls a peer on purpose: ranks on a loaded 2-core machine drift by seconds)."""
     layer = _layer(rank, world_size)
     config = WideEPConfig(
         enabled=True, eplb="online", eplb_interval=2, eplb_layers_per_step=1, eplb_window=4
     )
-    timeout = timedelta(seconds=TIMEOUT_S)
-    return Balancer([layer], config, dist.group.WORLD, timeout=timeout), layer
+    timeout = timedelta(seconds=timeout_s)
+    balancer = Balancer([layer], config, dist.group.WORLD, timeout=timeout)
+    dist.barrier()  # every rank starts stepping together
+    return balancer, layer
 
 
 def _skewed_step(balancer: Balancer, layer: ExpertSlots, hot: int) -> None:
@@ -106,7 +110,7 @@ def test_a_failed_plan_on_rank_0_is_skipped_by_every_rank():
 
 
 def _stalled_peer(rank, world_size):
-    balancer, layer = _balancer(rank, world_size)
+    balancer, layer = _balancer(rank, world_size, timeout_s=TIMEOUT_S)
     for _ in range(2):  # the balancer's group exists and a first move went through
         _skewed_step(balancer, layer, hot=2)
     if rank == 1:
