@@ -632,9 +632,9 @@ def _stamp(arch: str, dtype: str, seed: int) -> dict[str, Any]:
     }
 
 
-def _read_stamp(out_dir: Path) -> dict[str, Any] | None:
+def _read_stamp(out_dir: Path, stamp_file: str = STAMP_FILE) -> dict[str, Any] | None:
     try:
-        return json.loads((out_dir / STAMP_FILE).read_text())
+        return json.loads((out_dir / stamp_file).read_text())
     except (OSError, ValueError):
         return None
 
@@ -695,7 +695,7 @@ def build_tiny_model(
     stamp = _stamp(arch, dtype, seed)
     if _is_current(out, stamp):
         return out
-    return _publish(out, stamp, lambda tmp: _write_model(tmp, arch, dtype, seed))
+    return publish_folder(out, stamp, lambda tmp: _write_model(tmp, arch, dtype, seed))
 
 
 def _check_arch_and_dtype(arch: str, dtype: str) -> None:
@@ -717,25 +717,31 @@ def _is_current(out: Path, stamp: dict[str, Any]) -> bool:
     return False
 
 
-def _publish(out: Path, stamp: dict[str, Any], write: Callable[[Path], None]) -> Path:
-    """Make ``out`` the folder that ``write(tmp)`` fills, plus ``stamp``, atomically: it is
-    built next to ``out`` and renamed; an ``out`` with another stamp is replaced."""
+def publish_folder(
+    out: Path,
+    stamp: dict[str, Any],
+    write: Callable[[Path], None],
+    stamp_file: str = STAMP_FILE,
+) -> Path:
+    """Make ``out`` the folder that ``write(tmp)`` fills, plus ``stamp`` in ``stamp_file``,
+    atomically: it is built next to ``out`` and renamed; an ``out`` with another stamp is
+    replaced."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
-        (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+        (tmp / stamp_file).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
         for path in tmp.iterdir():  # mkdtemp and save_file create owner-only modes
             path.chmod(0o644)
         tmp.chmod(0o755)
         if out.exists():
-            if _read_stamp(out) == stamp:  # another process finished first
+            if _read_stamp(out, stamp_file) == stamp:  # another process finished first
                 return out
             shutil.rmtree(out)
         try:
             os.rename(tmp, out)
         except OSError:
-            if _read_stamp(out) != stamp:
+            if _read_stamp(out, stamp_file) != stamp:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -896,8 +902,10 @@ def build_fp8_model(
         config["quantization_config"] = fp8_quantization_config(
             fmt, fp8_unquantized_modules(tensors, quantized)
         )
-        _publish(copy, stamps[copy], lambda tmp: _write_variant(tmp, plain, dequantized))
-        _publish(out, stamps[out], lambda tmp: _write_variant(tmp, plain, fp8_tensors, config))
+        publish_folder(copy, stamps[copy], lambda tmp: _write_variant(tmp, plain, dequantized))
+        publish_folder(
+            out, stamps[out], lambda tmp: _write_variant(tmp, plain, fp8_tensors, config)
+        )
     return out
 
 

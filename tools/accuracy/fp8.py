@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -49,6 +48,7 @@ from vllm_wideep.tiny_models import (
     fp8_quantized_weights,
     fp8_scale_name,
     fp8_unquantized_modules,
+    publish_folder,
 )
 
 if TYPE_CHECKING:
@@ -140,7 +140,12 @@ def write_fp8_experts_model(
     configs = {out.fp8: {**plain, "quantization_config": quantization}, out.dequantized: plain}
     weights = {out.fp8: fp8_tensors, out.dequantized: dequantized}
     for path in out:
-        _publish(path, stamps[path], source, weights[path], configs[path])
+        publish_folder(
+            path,
+            stamps[path],
+            lambda tmp, p=path: _write_checkpoint(tmp, source, weights[p], configs[p]),
+            STAMP_FILE,
+        )
     return out
 
 
@@ -196,34 +201,18 @@ def _is_current(path: Path, stamp: dict[str, Any]) -> bool:
     return False
 
 
-def _publish(
-    out: Path,
-    stamp: dict[str, Any],
-    source: Path,
-    tensors: dict[str, torch.Tensor],
-    config: dict[str, Any],
+def _write_checkpoint(
+    tmp: Path, source: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> None:
-    """Make `out` the checkpoint `source` with `tensors`, `config` and `stamp` (the
-    tokenizer and other files copied): built next to `out`, then renamed over it."""
+    """Fill `tmp` with the checkpoint `source` with `tensors` and `config` (the tokenizer
+    and other files copied)."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for path in sorted(source.iterdir()):
-            if path.is_file() and path.name not in (WEIGHTS, "config.json", STAMP_FILE):
-                shutil.copyfile(path, tmp / path.name)
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / STAMP_FILE).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-        for path in tmp.iterdir():  # mkdtemp and save_file create owner-only modes
-            path.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in (WEIGHTS, "config.json", STAMP_FILE):
+            shutil.copyfile(path, tmp / path.name)
+    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
