@@ -60,11 +60,13 @@ def _failed_verification_keeps_old_weights(rank, world_size):
     old = home_placement(NUM_EXPERTS, world_size, slots_per_rank)
     new = old.roll(slots_per_rank)  # every slot changes, all by P2P
     weights = _tagged(old[mine], layer=0, dtype=torch.float32)
-    if rank == world_size - 1:  # this rank's staged slots look corrupt
-        mover.verify = lambda staged, expected: False
-    ok = apply_moves(plan_moves(old, new, slots_per_rank), weights, rank, world_size, None)
-    assert ok is False
+    if rank == world_size - 1:  # one byte of this rank's first received slot altered
+        mover.drill_corrupt_next_receive()
+    plan = plan_moves(old, new, slots_per_rank)
+    assert apply_moves(plan, weights, rank, world_size, None) is False
     _check_weights(weights, old[mine], layer=0)
+    assert apply_moves(plan, weights, rank, world_size, None)  # the drill is one-shot
+    _check_weights(weights, new[mine], layer=0)
 
 
 def _balancer_moves_weights_and_tables(rank, world_size, overlap):
@@ -149,8 +151,9 @@ def test_any_sequence_of_plans_puts_every_expert_in_its_slots(world_size):
     run_ranks(_sequence_of_plans, world_size, "bfloat16")
 
 
-def test_failed_verification_keeps_the_old_placement_on_every_rank():
-    run_ranks(_failed_verification_keeps_old_weights, 2)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_corrupt_transfer_keeps_the_old_placement_on_every_rank(world_size):
+    run_ranks(_failed_verification_keeps_old_weights, world_size)
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])

@@ -140,6 +140,25 @@ class MovesInFlight:
     stream: torch.cuda.Stream | None  # side stream of the local copies (GPU)
 
 
+# Fault drill (the `wideep_fault_drill` RPC): alter one byte of the next slot this rank
+# receives, after the transfer and before verification, so an operator can see a bad
+# transfer refused by the whole group while serving goes on. One-shot, per process.
+_drill_corrupt_next_receive = False
+
+
+def drill_corrupt_next_receive() -> None:
+    """Arm the fault drill: the next incoming slot of this rank arrives altered."""
+    global _drill_corrupt_next_receive
+    _drill_corrupt_next_receive = True
+
+
+def _apply_drill(staged: list[torch.Tensor]) -> None:
+    global _drill_corrupt_next_receive
+    if _drill_corrupt_next_receive and staged[0].shape[0] > 0:
+        _drill_corrupt_next_receive = False
+        staged[0][0].reshape(-1).view(torch.uint8)[0] ^= 1
+
+
 class MovesRefused(RuntimeError):
     """A rank could not prepare its part of a layer's moves (staging memory, a bad
     placement...): every rank of the group raises it, at the same point, before any weight
@@ -246,6 +265,7 @@ def finish_moves(moves: MovesInFlight) -> bool:
     for work in moves.works:  # a send's source is read until it completes: commit after
         work.wait()
 
+    _apply_drill(moves.staged)
     incoming = plan.incoming(rank)
     ok = verify(moves.staged, [moves.sources[m.src_slot] for m in incoming])
     if not agree(ok, moves.num_ranks, moves.group, device):

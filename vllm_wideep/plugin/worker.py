@@ -4,6 +4,9 @@ server), and the per-step hook that runs the load balancer.
     wideep_stats   per MoE layer: (token, expert) rows per local slot, balancer counters,
                    token-exchange bytes
     wideep_load    the expert load window and the placement, for `vllm-wideep eplb record`
+    wideep_fault_drill  arm a bad transfer on this rank's next expert move (the group
+                   must refuse that move and keep serving); for operators' drills and the
+                   soak benchmark
 
 Both read the worker's `layer.state.WorkerState`. They reach vLLM's workers through its
 supported `worker_extension_cls` option (set by `engine.adjust_engine_args`).
@@ -19,7 +22,7 @@ from vllm_wideep.layer.state import WorkerState, worker_state
 from vllm_wideep.plugin.hooks import wrap
 from vllm_wideep.plugin.metrics import PUBLISH_EVERY, Publisher
 
-RPC_METHODS = ("wideep_stats", "wideep_load")
+RPC_METHODS = ("wideep_stats", "wideep_load", "wideep_fault_drill")
 
 
 class WideEPWorkerExtension:
@@ -78,6 +81,20 @@ class WideEPWorkerExtension:
             "load": balancer.load().tolist(),
             "physical_to_logical": balancer.placement().physical_to_logical.tolist(),
         }
+
+    def wideep_fault_drill(self, kind: str = "corrupt_transfer") -> dict[str, Any]:
+        """Arm a one-shot fault on this rank: `corrupt_transfer` alters one byte of the
+        next expert slot this rank receives, before verification."""
+        from vllm.distributed import get_ep_group
+
+        from vllm_wideep.eplb.mover import drill_corrupt_next_receive
+
+        if kind != "corrupt_transfer":
+            raise ValueError(
+                f"vllm_wideep: unknown fault drill {kind!r}; the drills are: corrupt_transfer"
+            )
+        drill_corrupt_next_receive()
+        return {"ep_rank": get_ep_group().rank_in_group, "armed": kind}
 
 
 def _ep_device_group():
