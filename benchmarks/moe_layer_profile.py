@@ -138,7 +138,7 @@ class WideEPLayer:
     def __init__(self, layer: RankLayer, group, rank: int, num_ranks: int):
         from vllm_wideep.comm.alltoall import AllToAllDispatcher
         from vllm_wideep.eplb.location import ExpertSlots
-        from vllm_wideep.kernels import WeightCache
+        from vllm_wideep.kernels import SILU, WeightCache
         from vllm_wideep.layer.prepare_finalize import TokenSlice, WideEPPrepareAndFinalize
 
         E = layer.shape.experts
@@ -156,6 +156,9 @@ class WideEPLayer:
             tokens_per_slot=slots.tokens_per_slot,
             weight_cache=WeightCache(),
             fp8=None,
+            expert_w13_bias=None,
+            expert_w2_bias=None,
+            expert_activation=SILU,
         )
         self.num_experts = E
 

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vllm_wideep.kernels import torch_experts  # noqa: E402
+from vllm_wideep.kernels import SILU, torch_experts  # noqa: E402
 
 
 @pytest.fixture
@@ -33,14 +33,14 @@ def force_torch_path(monkeypatch, request):
     whatever the problem size: ``"grouped_mm"``, ``"per_expert"`` or ``"vllm_kernel"``
     (vLLM's fused CPU kernel; skips where it is missing or can't take these shapes)."""
 
-    def force(gemm, x, w13, w2):
+    def force(gemm, x, w13, w2, biases=(None, None), activation=SILU):
         vllm_rows = 1 << 30 if gemm == "vllm_kernel" else -1
         monkeypatch.setattr(torch_experts, "VLLM_KERNEL_MAX_ROWS_PER_EXPERT", vllm_rows)
         threshold = torch_experts.GROUPED_MM_MAX_WORK if gemm == "grouped_mm" else -1
         monkeypatch.setattr(torch_experts, "GROUPED_MM_MAX_WORK", threshold)
         if gemm == "vllm_kernel":
             request.getfixturevalue("vllm_cpu_ops")
-            if torch_experts._vllm_isa(x, w13, w2) is None:
-                pytest.skip("vLLM's kernel needs H and I multiples of 32")
+            if torch_experts._vllm_isa(x, w13, w2, biases, activation) is None:
+                pytest.skip("vLLM's kernel needs H and I multiples of 32 and its activations")
 
     return force

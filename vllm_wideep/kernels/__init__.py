@@ -14,10 +14,19 @@ import importlib.util
 
 import torch
 
+from vllm_wideep.kernels.activation import SILU, SWIGLU_OAI, Activation
 from vllm_wideep.kernels.fp8 import Fp8Experts
 from vllm_wideep.kernels.torch_experts import WeightCache, moe_experts_torch, moe_experts_torch_fp8
 
-__all__ = ["moe_experts", "BACKENDS", "Fp8Experts", "WeightCache"]
+__all__ = [
+    "moe_experts",
+    "BACKENDS",
+    "Activation",
+    "Fp8Experts",
+    "SILU",
+    "SWIGLU_OAI",
+    "WeightCache",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -34,11 +43,15 @@ def moe_experts(
     fp8: Fp8Experts | None = None,
     hidden_scales: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
-    """Routed expert MLPs with SiLU gating, summed per token with the router weights.
+    """Routed expert MLPs, summed per token with the router weights.
 
     hidden_states: `[M, H]` bf16, fp16 or fp32.
-    w13: `[S, 2I, H]`, gate rows ``[:I]`` then up rows ``[I:]`` (vLLM's layout); the dtype
+    w13: `[S, 2I, H]`, gate rows ``[:I]`` then up rows ``[I:]`` (vLLM's layout; alternating
+        with ``activation.interleaved``), `[S, I, H]` for a non-gated activation; the dtype
         of hidden_states, or float8 e4m3 with ``fp8``.
     w2: `[S, H, I]`, as w13.
     topk_weights: `[M, k]` float.
@@ -54,6 +67,10 @@ def moe_experts(
         they are, not quantized again. Needs ``fp8`` with activations "fp8".
     out_dtype: the result's dtype (default: that of hidden_states; required with
         ``hidden_scales``).
+    w13_bias: `[S, 2I]` (`[S, I]` not gated), rows as in w13, or None; any float dtype,
+        never quantized (also with ``fp8``).
+    w2_bias: `[S, H]` or None, as w13_bias.
+    activation: what joins the two GEMMs (`activation.Activation`); SiLU-and-mul by default.
 
     The Triton backend groups rows per expert in the batched layout (fixed capacity M per
     expert) for M <= ``grouped_gemm.BATCHED_MAX_TOKENS`` (64, decode) and in the contiguous
@@ -63,13 +80,14 @@ def moe_experts(
 
     Returns `[M, H]` in ``out_dtype``::
 
-        out[m] = sum_j topk_weights[m, j] * w2[e] @ (silu(g) * u),
-        e = topk_ids[m, j], (g, u) = halves of w13[e] @ hidden_states[m]
+        out[m] = sum_j topk_weights[m, j] * (w2[e] @ act(w13[e] @ hidden_states[m]
+                                                         + w13_bias[e]) + w2_bias[e]),
+        e = topk_ids[m, j], act = activation (gate/up split and formula in `activation`)
 
     with w13, w2 the dequantized weights under ``fp8`` (and, for W8A8, hidden_states and
-    silu(g) * u each quantized and dequantized).
+    the activation's output each quantized and dequantized).
     """
-    _check_shapes(hidden_states, w13, w2, topk_weights, topk_ids)
+    _check_shapes(hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation)
     if fp8 is not None:
         fp8.check(w13, w2)
     elif w13.dtype == torch.float8_e4m3fn or w2.dtype == torch.float8_e4m3fn:
@@ -95,12 +113,16 @@ def moe_experts(
         raise ValueError(f"backend={backend!r}, expected one of {BACKENDS}")
     if backend == "auto":
         backend = "triton" if hidden_states.is_cuda else "torch"
+    expert_math = dict(w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
     if backend == "torch":
         if fp8 is not None:
             return moe_experts_torch_fp8(
-                hidden_states, w13, w2, topk_weights, topk_ids, fp8, cache, hidden_scales, out_dtype
-            )
-        return moe_experts_torch(hidden_states, w13, w2, topk_weights, topk_ids, cache)
+                hidden_states, w13, w2, topk_weights, topk_ids, fp8, cache, hidden_scales,
+                out_dtype, **expert_math,
+            )  # fmt: skip
+        return moe_experts_torch(
+            hidden_states, w13, w2, topk_weights, topk_ids, cache, **expert_math
+        )
     if importlib.util.find_spec("triton") is None:
         raise ValueError("backend='triton' needs the triton package, which is not installed")
     from vllm_wideep.kernels.grouped_gemm import moe_experts_triton
@@ -114,17 +136,28 @@ def moe_experts(
         fp8=fp8,
         hidden_scales=hidden_scales,
         out_dtype=out_dtype,
+        **expert_math,
     )
 
 
-def _check_shapes(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
+def _check_shapes(
+    hidden_states, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation: Activation
+) -> None:
     M, H = hidden_states.shape
-    S, two_i, w13_h = w13.shape
-    if w13_h != H or two_i % 2 or tuple(w2.shape) != (S, H, two_i // 2):
+    S, rows, w13_h = w13.shape
+    inter = activation.intermediate_size(rows)
+    w13_rows = "2I" if activation.gated else "I"
+    if w13_h != H or (activation.gated and rows % 2) or tuple(w2.shape) != (S, H, inter):
         raise ValueError(
-            f"expected w13 [S, 2I, H={H}] and w2 [S, H, I]; got w13 {tuple(w13.shape)}, "
-            f"w2 {tuple(w2.shape)}"
+            f"expected w13 [S, {w13_rows}, H={H}] and w2 [S, H, I] for {activation}; got "
+            f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}"
         )
+    for name, bias, shape in (("w13_bias", w13_bias, (S, rows)), ("w2_bias", w2_bias, (S, H))):
+        if bias is not None and (tuple(bias.shape) != shape or not bias.dtype.is_floating_point):
+            raise ValueError(
+                f"expected {name} {list(shape)} floating point; got {tuple(bias.shape)} "
+                f"{bias.dtype}"
+            )
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != M:
         raise ValueError(
             f"expected topk_ids and topk_weights [M={M}, k]; got {tuple(topk_ids.shape)} "

@@ -3,8 +3,8 @@
 One token's path (shapes for DeepSeek-V3 at EP 8: H=7168, I=2048, E=32 local, k=8)::
 
     hidden_states [M, H] --route()--> rows grouped by expert (permute.py)
-      --gate_up GEMM, SiLU(g) * u in the epilogue--> act [num_rows, I]
-      --down GEMM--> down [num_rows, H]
+      --gate_up GEMM, + w13_bias and the activation in the epilogue--> act [num_rows, I]
+      --down GEMM, + w2_bias in the epilogue--> down [num_rows, H]
       --combine: out[m] = sum_j topk_weights[m, j] * down[flat_to_row[m * k + j]]--> out [M, H]
 
 Both GEMMs walk a tile schedule computed on the device from ``Routing`` (no host sync, grid
@@ -15,6 +15,12 @@ fixed by shapes only, so the whole pipeline is CUDA-graph capturable):
   over per-expert tile counts, and tiles past the last expert exit at once.
 * batched (decode): ``E * cdiv(capacity, BLOCK_M)`` M-tiles, expert = tile // tiles per
   expert; tiles past the expert's count exit at once. Empty experts cost one exit each.
+
+The activation (``activation.Activation``) is compile-time: its function, gating, layout
+and parameters are constexprs, so SiLU-and-mul without biases compiles to the same code as
+before they existed. A gated program reads the gate and up weight rows of its BLOCK_N
+output columns (rows ``n`` and ``I + n`` packed, ``2n`` and ``2n + 1`` interleaved) into two
+accumulators; a non-gated one reads only the first.
 
 The combine is a separate kernel: each output row sums its k rows in a fixed order, so
 results are deterministic (no atomics) and every output row is written, dropped or not.
@@ -29,8 +35,8 @@ compile to the same code as without them. Each K tile lies inside one K block of
   dtype (exact: e4m3 fits in bf16, fp16 and fp32), and
   ``acc += (x_tile @ w_tile) * w_scale[n]`` in fp32.
 * W8A8 (``activations="fp8"``): the input is quantized per token and bk columns with torch
-  (``fp8.quantize_activations_fp8``) before the gate_up GEMM, and the SiLU-and-mul
-  intermediate (written in fp32) likewise before the down GEMM; the kernels read float8
+  (``fp8.quantize_activations_fp8``) before the gate_up GEMM, and the activation's output
+  (written in fp32) likewise before the down GEMM; the kernels read float8
   rows and their scales `[rows, ceil(K / bk)]`, and
   ``acc += (x_q_tile @ w_q_tile) * x_scale[m] * w_scale[n]`` in fp32 per K tile: FP8
   tensor-core dots, promoted to fp32 every K block (DeepSeek-V3's and DeepGEMM's numerics).
@@ -45,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_wideep.kernels.activation import SILU, Activation
 from vllm_wideep.kernels.fp8 import Fp8Experts, dequantize_block_fp8, quantize_activations_fp8
 from vllm_wideep.kernels.permute import Routing, route
 from vllm_wideep.kernels.tile_configs import get_config
@@ -141,12 +148,46 @@ def _scaled_dot(
 
 
 @triton.jit
-def _gate_up_silu_kernel(
+def _activate(
+    g,
+    u,
+    FN: tl.constexpr,
+    GATED: tl.constexpr,
+    ALPHA: tl.constexpr,
+    BETA: tl.constexpr,
+    LIMIT: tl.constexpr,
+):
+    """``activation.Activation`` on fp32 gate and up tiles (u unused when not GATED);
+    LIMIT 0.0 = no clamp (``Activation`` checks that a limit is positive)."""
+    if LIMIT > 0.0 and FN != "swiglustep":
+        g = tl.minimum(g, LIMIT)
+    if FN == "silu":
+        act = g * tl.sigmoid(ALPHA * g)
+    elif FN == "swiglustep":
+        act = tl.minimum(g * tl.sigmoid(g), LIMIT)
+    elif FN == "gelu":
+        act = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    elif FN == "gelu_tanh":
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) * (...)
+        act = g * tl.sigmoid(2.0 * inner)  # (1 + tanh(z)) / 2 = sigmoid(2z)
+    else:  # relu2
+        act = tl.maximum(g, 0.0)
+        act = act * act
+    if GATED:
+        if LIMIT > 0.0:
+            u = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+        act = act * (u + BETA)
+    return act
+
+
+@triton.jit
+def _gate_up_act_kernel(
     x_ptr,  # [M, H] activations (float8 with A_FP8)
-    w13_ptr,  # [E, 2I, H] (float8 with W_FP8)
-    act_ptr,  # [num_rows, I] out: silu(gate) * up (fp32 with A_FP8)
+    w13_ptr,  # [E, 2I, H] ([E, I, H] not GATED; float8 with W_FP8)
+    act_ptr,  # [num_rows, I] out: the activation (fp32 with A_FP8)
     x_scale_ptr,  # [M, cdiv(H, bk)] float32 (A_FP8 only)
     w_scale_ptr,  # [E, cdiv(2I, bn), cdiv(H, bk)] float32 (W_FP8 only)
+    b13_ptr,  # [E, 2I] ([E, I] not GATED; HAS_BIAS only)
     row_token_ptr,  # [num_rows] int32
     expert_offsets_ptr,
     expert_counts_ptr,
@@ -167,6 +208,8 @@ def _gate_up_silu_kernel(
     stride_wse,
     stride_wsn,
     stride_wsk,
+    stride_be,
+    stride_bn,
     BATCHED: tl.constexpr,
     E_POW2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -175,6 +218,13 @@ def _gate_up_silu_kernel(
     A_FP8: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
     SCALE_BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FN: tl.constexpr,
+    GATED: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ALPHA: tl.constexpr,
+    BETA: tl.constexpr,
+    LIMIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -187,6 +237,7 @@ def _gate_up_silu_kernel(
     )  # fmt: skip
     if row_start >= row_end:
         return
+    expert = expert.to(tl.int64)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     tokens = tl.load(row_token_ptr + rows, mask=row_mask, other=0).to(tl.int64)
@@ -194,18 +245,21 @@ def _gate_up_silu_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    # Gate rows are w13[e, :I], up rows w13[e, I:]; read both as [BLOCK_K, BLOCK_N] tiles.
-    g_ptrs = (
-        w13_ptr
-        + expert.to(tl.int64) * stride_we
-        + offs_n[None, :] * stride_wn
-        + offs_k[:, None] * stride_wk
-    )
-    u_ptrs = g_ptrs + N * stride_wn
-    if W_FP8:  # scale rows of gate column n and of up column N + n
-        ws_ptrs = w_scale_ptr + expert.to(tl.int64) * stride_wse
-        gs_ptrs = ws_ptrs + (offs_n // SCALE_BLOCK_N) * stride_wsn
-        us_ptrs = ws_ptrs + ((N + offs_n) // SCALE_BLOCK_N) * stride_wsn
+    # The w13 rows of output column n: gate n and up I + n (packed), gate 2n and up 2n + 1
+    # (interleaved), gate n only (not gated). Read as [BLOCK_K, BLOCK_N] tiles.
+    if INTERLEAVED:
+        gate_rows = 2 * offs_n
+        up_rows = gate_rows + 1
+    else:
+        gate_rows = offs_n
+        up_rows = N + offs_n
+    w_ptrs = w13_ptr + expert * stride_we + offs_k[:, None] * stride_wk
+    g_ptrs = w_ptrs + gate_rows[None, :] * stride_wn
+    u_ptrs = w_ptrs + up_rows[None, :] * stride_wn
+    if W_FP8:  # scale rows of the gate and up weight rows
+        ws_ptrs = w_scale_ptr + expert * stride_wse
+        gs_ptrs = ws_ptrs + (gate_rows // SCALE_BLOCK_N) * stride_wsn
+        us_ptrs = ws_ptrs + (up_rows // SCALE_BLOCK_N) * stride_wsn
         xs_ptrs = x_scale_ptr + tokens * stride_xsm
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -214,23 +268,33 @@ def _gate_up_silu_kernel(
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
         g = tl.load(g_ptrs, mask=w_mask, other=0.0)
-        u = tl.load(u_ptrs, mask=w_mask, other=0.0)
         if W_FP8:
             kb = k0 // SCALE_BLOCK_K
             xs = xs_ptrs + kb * stride_xsk
             acc_g = _scaled_dot(acc_g, a, g, xs, row_mask, gs_ptrs + kb * stride_wsk, n_mask,
                                 A_FP8, UPCAST, DOT_PRECISION)  # fmt: skip
-            acc_u = _scaled_dot(acc_u, a, u, xs, row_mask, us_ptrs + kb * stride_wsk, n_mask,
-                                A_FP8, UPCAST, DOT_PRECISION)  # fmt: skip
+            if GATED:
+                u = tl.load(u_ptrs, mask=w_mask, other=0.0)
+                acc_u = _scaled_dot(acc_u, a, u, xs, row_mask, us_ptrs + kb * stride_wsk,
+                                    n_mask, A_FP8, UPCAST, DOT_PRECISION)  # fmt: skip
         else:
             if UPCAST:
-                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+                a, g = a.to(tl.float32), g.to(tl.float32)
             acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
-            acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+            if GATED:
+                u = tl.load(u_ptrs, mask=w_mask, other=0.0)
+                if UPCAST:
+                    u = u.to(tl.float32)
+                acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_xk
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
-    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    if HAS_BIAS:
+        b_ptrs = b13_ptr + expert * stride_be
+        acc_g += tl.load(b_ptrs + gate_rows * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+        if GATED:
+            acc_u += tl.load(b_ptrs + up_rows * stride_bn, mask=n_mask, other=0.0).to(tl.float32)
+    act = _activate(acc_g, acc_u, FN, GATED, ALPHA, BETA, LIMIT)
     out_ptrs = act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :] * stride_an
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -242,6 +306,7 @@ def _down_kernel(
     down_ptr,  # [num_rows, H] out
     act_scale_ptr,  # [num_rows, cdiv(I, bk)] float32 (A_FP8 only)
     w_scale_ptr,  # [E, cdiv(H, bn), cdiv(I, bk)] float32 (W_FP8 only)
+    b2_ptr,  # [E, H] (HAS_BIAS only)
     expert_offsets_ptr,
     expert_counts_ptr,
     num_experts,
@@ -261,6 +326,8 @@ def _down_kernel(
     stride_wse,
     stride_wsn,
     stride_wsk,
+    stride_be,
+    stride_bn,
     BATCHED: tl.constexpr,
     E_POW2: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -269,6 +336,7 @@ def _down_kernel(
     A_FP8: tl.constexpr,
     SCALE_BLOCK_N: tl.constexpr,
     SCALE_BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -314,6 +382,10 @@ def _down_kernel(
             acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        bias = tl.load(b2_ptr + expert.to(tl.int64) * stride_be + offs_n * stride_bn, mask=n_mask,
+                       other=0.0)  # fmt: skip
+        acc += bias.to(tl.float32)[None, :]
     out_ptrs = down_ptr + rows[:, None] * stride_dm + offs_n[None, :] * stride_dn
     tl.store(out_ptrs, acc.to(down_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
@@ -361,12 +433,15 @@ def _launch_gemms(
     fp8: Fp8Experts | None = None,
     hidden_scales: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
     """Shared launch setup for both GEMMs; returns down `[num_rows, H]` in ``out_dtype``
     (default: the dtype of hidden_states)."""
     H = hidden_states.shape[1]
-    E, two_i, _ = w13.shape
-    inter = two_i // 2
+    E = w13.shape[0]
+    inter = w2.shape[2]
     block_m = config["BLOCK_M"]
     if routing.capacity is None:
         num_tiles_m = triton.cdiv(routing.num_rows, block_m) + E
@@ -398,14 +473,21 @@ def _launch_gemms(
     act = torch.empty(routing.num_rows, inter, dtype=act_dtype, device=hidden_states.device)
     cfg = _gemm_config(config["gate_up"], fp8)
     grid = (num_tiles_m * triton.cdiv(inter, cfg["BLOCK_N"]),)
-    _gate_up_silu_kernel[grid](
+    _gate_up_act_kernel[grid](
         x, w13, act, _scale_ptr(x_scale, x), _scale_ptr(w13_scale, w13),
-        routing.row_token, routing.expert_offsets, routing.expert_counts,
-        E, capacity, num_tiles_m, inter, H,
+        _scale_ptr(w13_bias, w13), routing.row_token, routing.expert_offsets,
+        routing.expert_counts, E, capacity, num_tiles_m, inter, H,
         x.stride(0), x.stride(1),
         w13.stride(0), w13.stride(1), w13.stride(2),
         act.stride(0), act.stride(1),
-        *_strides(x_scale, 2), *_strides(w13_scale, 3),
+        *_strides(x_scale, 2), *_strides(w13_scale, 3), *_strides(w13_bias, 2),
+        HAS_BIAS=w13_bias is not None,
+        FN=activation.fn,
+        GATED=activation.gated,
+        INTERLEAVED=activation.interleaved,
+        ALPHA=float(activation.alpha),
+        BETA=float(activation.beta),
+        LIMIT=0.0 if activation.limit is None else float(activation.limit),
         **common, **cfg,
     )  # fmt: skip
     act_scale = None
@@ -416,24 +498,26 @@ def _launch_gemms(
     grid = (num_tiles_m * triton.cdiv(H, cfg["BLOCK_N"]),)
     _down_kernel[grid](
         act, w2, down, _scale_ptr(act_scale, act), _scale_ptr(w2_scale, w2),
-        routing.expert_offsets, routing.expert_counts,
+        _scale_ptr(w2_bias, w2), routing.expert_offsets, routing.expert_counts,
         E, capacity, num_tiles_m, H, inter,
         act.stride(0), act.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
         down.stride(0), down.stride(1),
-        *_strides(act_scale, 2), *_strides(w2_scale, 3),
+        *_strides(act_scale, 2), *_strides(w2_scale, 3), *_strides(w2_bias, 2),
+        HAS_BIAS=w2_bias is not None,
         **common, **cfg,
     )  # fmt: skip
     return down
 
 
 def _scale_ptr(scale: torch.Tensor | None, placeholder: torch.Tensor) -> torch.Tensor:
-    """A scale pointer argument: the placeholder where the GEMM has none (never read)."""
+    """A scale (or bias) pointer argument: the placeholder where the GEMM has none (never
+    read)."""
     return placeholder if scale is None else scale
 
 
 def _strides(scale: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
-    """A scale tensor's strides, zeros where the GEMM has none."""
+    """A scale (or bias) tensor's strides, zeros where the GEMM has none."""
     return (0,) * ndim if scale is None else scale.stride()
 
 
@@ -488,9 +572,12 @@ def moe_experts_triton(
     fp8: Fp8Experts | None = None,
     hidden_scales: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
     """Triton MoE experts; see ``vllm_wideep.kernels.moe_experts`` for the contract
-    (``hidden_scales``, ``out_dtype`` too).
+    (``hidden_scales``, ``out_dtype``, the biases and ``activation`` too).
 
     layout: ``"contiguous"``, ``"batched"`` or ``"auto"`` (batched up to BATCHED_MAX_TOKENS).
     config: tile config as in ``tile_configs``; ``None`` looks it up for this GPU and shape
@@ -499,7 +586,7 @@ def moe_experts_triton(
     fp8: scales of float8 w13 and w2 and the activation precision (module docstring).
     """
     M, H = hidden_states.shape
-    E, two_i, _ = w13.shape
+    E = w13.shape[0]
     k = topk_ids.shape[1]
     if hidden_states.dtype not in _DTYPES and hidden_scales is None:
         raise ValueError(f"hidden_states dtype {hidden_states.dtype} not in {_DTYPES}")
@@ -523,9 +610,12 @@ def moe_experts_triton(
     if config is None:
         # Rows per expert counts dropped pairs too: an upper bound, known without a sync.
         device_name = _device_name(hidden_states.device) if hidden_states.is_cuda else None
-        config = get_config(M * k / E, H, two_i // 2, device_name)
+        config = get_config(M * k / E, H, w2.shape[2], device_name)
     routing = route(topk_ids, E, capacity=M if layout == "batched" else None)
-    down = _launch_gemms(hidden_states, w13, w2, routing, config, fp8, hidden_scales, out_dtype)
+    down = _launch_gemms(
+        hidden_states, w13, w2, routing, config, fp8, hidden_scales, out_dtype,
+        w13_bias, w2_bias, activation,
+    )  # fmt: skip
     block_h = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(M, triton.cdiv(H, block_h))](
         down, routing.flat_to_row, topk_weights, out,
@@ -542,11 +632,14 @@ def reference_moe_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     fp8: Fp8Experts | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
     """Deliberately simple float64 loop over (token, slot); returns `[M, H]` float64.
 
     With ``fp8``: float8 weights dequantized in float64; for W8A8 also each input row and
-    each SiLU-and-mul intermediate, quantized per ``bk`` columns (``quantize_activations_fp8``)
+    each activation output, quantized per ``bk`` columns (``quantize_activations_fp8``)
     and dequantized in float64."""
 
     def quantized(v: torch.Tensor) -> torch.Tensor:
@@ -559,14 +652,16 @@ def reference_moe_experts(
         w13 = dequantize_block_fp8(w13, fp8.w13_scale, fp8.block, torch.float64)
         w2 = dequantize_block_fp8(w2, fp8.w2_scale, fp8.block, torch.float64)
     x, w13, w2 = hidden_states.double(), w13.double(), w2.double()
-    inter = w2.shape[2]
+    b13 = torch.zeros(w13.shape[:2], dtype=torch.float64) if w13_bias is None else w13_bias
+    b2 = torch.zeros(w2.shape[:2], dtype=torch.float64) if w2_bias is None else w2_bias
+    b13, b2 = b13.double().to(x.device), b2.double().to(x.device)
     out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for m in range(x.shape[0]):
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[m, j])
             if e < 0:
                 continue
-            gate_up = w13[e] @ quantized(x[m])
-            act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
-            out[m] += float(topk_weights[m, j]) * (w2[e] @ quantized(act))
+            gate_up = w13[e] @ quantized(x[m]) + b13[e]
+            act = activation(gate_up[None])[0]
+            out[m] += float(topk_weights[m, j]) * (w2[e] @ quantized(act) + b2[e])
     return out

@@ -4,8 +4,11 @@ Same contract as the Triton path (see ``vllm_wideep.kernels.moe_experts``). On C
 sync costs nothing, so this sorts pairs by expert once and reads the per-expert counts on
 the host:
 
-    sort pairs by expert -> gather x rows -> gate_up GEMM, silu(g) * u -> down GEMM
-    -> scale by topk weight -> index_add_ into an fp32 [M, H] buffer
+    sort pairs by expert -> gather x rows -> gate_up GEMM (+ w13_bias), activation
+    -> down GEMM (+ w2_bias) -> scale by topk weight -> index_add_ into an fp32 [M, H] buffer
+
+The activation is an `activation.Activation` (SiLU-and-mul by default); biases, when given,
+are added in the compute dtype right after their GEMM.
 
 The GEMMs run one of two ways, by problem size:
 
@@ -28,7 +31,8 @@ weights directly (half the bytes of the fp32 copy) in one op. On AVX2 it was 1.1
 faster than the path above at decode sizes (mostly 2x and up), where this path's op overhead
 and fp32 weight reads dominate. It needs its own prepacked copy of the weights
 (``_prepacked``, same bytes as the weights, kept in the same cache) and has no id for "not
-on this rank" (see ``_vllm_fused``).
+on this rank" (see ``_vllm_fused``). It takes biases and computes four activations exactly
+as `Activation` defines them (``_VLLM_ACTIVATIONS``); any other runs the path above.
 
 FP8 block-scaled experts (``moe_experts_torch_fp8``, scales in ``fp8.Fp8Experts``):
 
@@ -41,7 +45,7 @@ FP8 block-scaled experts (``moe_experts_torch_fp8``, scales in ``fp8.Fp8Experts`
   element in fp32, 2 in bf16/fp16: DeepSeek-V3's 32 slots at EP 8, 1.4 G elements, take
   5.6 GB in fp32) and, once vLLM's kernel has run, its prepacked copy of that (same bytes).
 * W8A8 (``activations="fp8"``): the reference-grade math in fp32, slow by design: the
-  input and the SiLU-and-mul intermediate quantized per token and ``bk`` columns
+  input and the activation's output quantized per token and ``bk`` columns
   (``quantize_activations_fp8``) and dequantized, times the fp32 dequantized weights (the
   fp32 copy above, 4 bytes per weight element), one ``torch.mm`` per expert.
 """
@@ -52,8 +56,8 @@ import functools
 import weakref
 
 import torch
-import torch.nn.functional as F
 
+from vllm_wideep.kernels.activation import SILU, SWIGLU_OAI, Activation
 from vllm_wideep.kernels.fp8 import Fp8Experts, dequantize_block_fp8, quantize_activations_fp8
 
 # rows * H * I up to which the two-call grouped GEMM beats the per-expert loop on CPU
@@ -63,6 +67,14 @@ GROUPED_MM_MAX_WORK = 1 << 25
 # Measured on AVX2, one thread, bf16/fp16/fp32, H 128-2048, E 8-64, as torch-path time over
 # vLLM-kernel time: 1.1-23 up to 16 pairs per expert, 0.9-2.0 at 32, 0.7-0.9 at 64 (H >= 1024).
 VLLM_KERNEL_MAX_ROWS_PER_EXPERT = 32
+# The activations vLLM's fused CPU kernel computes, by its name for them (vLLM's CPU experts
+# pass `MoEActivation.value`); each checked against `Activation` in tests/kernels.
+_VLLM_ACTIVATIONS = {
+    SILU: "silu",
+    SWIGLU_OAI: "swigluoai",
+    Activation("gelu"): "gelu",
+    Activation("gelu_tanh"): "gelu_tanh",
+}
 
 
 @functools.cache
@@ -129,18 +141,27 @@ def _prepacked(w: torch.Tensor, isa: str, cache: WeightCache | None) -> torch.Te
     return _transformed(w, key, lambda t: cpu_prepack_moe_weight(t.contiguous(), isa), cache)
 
 
-def _vllm_isa(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+def _vllm_isa(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    activation: Activation = SILU,
+) -> str | None:
     """The ISA string for vLLM's fused CPU MoE kernel on these tensors, None where it can't run.
 
     It needs vLLM's CPU ops loaded (vLLM's CPU platform loads them at startup; this package
-    never imports vLLM itself), one floating dtype for input and weights, and H and I
-    multiples of 32 (vLLM's ``CPUUnquantizedExperts`` alignment). ISA as vLLM picks it: AMX
-    for bf16 where the CPU has AMX tiles, else the portable "vec" kernel.
+    never imports vLLM itself), one floating dtype for input, weights and biases, H and I
+    multiples of 32 (vLLM's ``CPUUnquantizedExperts`` alignment) and one of its activations.
+    ISA as vLLM picks it: AMX for bf16 where the CPU has AMX tiles, else the portable "vec"
+    kernel.
     """
     dtype = hidden_states.dtype
     if (
         hidden_states.device.type != "cpu"
+        or activation not in _VLLM_ACTIVATIONS
         or not (dtype == w13.dtype == w2.dtype)
+        or any(b is not None and b.dtype != dtype for b in biases)
         or dtype not in (torch.bfloat16, torch.float16, torch.float32)
         or w2.shape[1] % 32
         or w2.shape[2] % 32
@@ -155,9 +176,12 @@ def _has_amx() -> bool:  # a CPUID query: once, not per MoE call
     return torch.cpu._is_amx_tile_supported()
 
 
-def _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa: str, cache) -> torch.Tensor:
+def _vllm_fused(
+    hidden_states, w13, w2, topk_weights, topk_ids, isa: str, cache, biases, activation
+) -> torch.Tensor:
     """vLLM's ``cpu_fused_moe``; it reads float32 router weights and int32 ids as contiguous
-    buffers and writes every row of ``out``.
+    buffers and writes every row of ``out``. biases: (w13_bias `[S, 2I]`, w2_bias `[S, H]`),
+    each None or the input dtype.
 
     It indexes with every id, so a -1 would read out of bounds: each -1 pair is rerouted to
     an expert the token already uses (its largest id; expert 0 if it has none) with weight
@@ -177,8 +201,10 @@ def _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa: str, cache)
         x = torch.empty(M, H, dtype=x.dtype, device=x.device).copy_(x)
     out = torch.empty(M, H, dtype=x.dtype, device=x.device)
     w13, w2 = _prepacked(w13, isa, cache), _prepacked(w2, isa, cache)
+    b13, b2 = (None if b is None else b.contiguous() for b in biases)
+    act = _VLLM_ACTIVATIONS[activation]
     # (out, x, w13, w2, w13_bias, w2_bias, topk_weights, topk_ids, skip_weighted, act, isa)
-    torch.ops._C.cpu_fused_moe(out, x, w13, w2, None, None, weights, ids, False, "silu", isa)
+    torch.ops._C.cpu_fused_moe(out, x, w13, w2, b13, b2, weights, ids, False, act, isa)
     return out
 
 
@@ -189,21 +215,32 @@ def moe_experts_torch(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     cache: WeightCache | None = None,
+    *,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
-    """hidden_states `[M, H]`, w13 `[S, 2I, H]`, w2 `[S, H, I]`, topk_weights `[M, k]`,
-    topk_ids `[M, k]` int, `-1` = not on this rank. Returns `[M, H]` in the input dtype.
+    """hidden_states `[M, H]`, w13 `[S, 2I, H]` (`[S, I, H]` for a non-gated activation),
+    w2 `[S, H, I]`, topk_weights `[M, k]`, topk_ids `[M, k]` int, `-1` = not on this rank,
+    w13_bias `[S, 2I]` (`[S, I]`) and w2_bias `[S, H]` or None. Returns `[M, H]` in the input
+    dtype.
 
-    cache: where to keep the transformed weights between calls (see `WeightCache`); None
-    transforms them on every call."""
+    cache: where to keep the transformed weights (and biases) between calls (see
+    `WeightCache`); None transforms them on every call."""
     M = hidden_states.shape[0]
     E = w13.shape[0]
     k = topk_ids.shape[1]
+    biases = (w13_bias, w2_bias)
     if M * k <= VLLM_KERNEL_MAX_ROWS_PER_EXPERT * E:
-        isa = _vllm_isa(hidden_states, w13, w2)
+        isa = _vllm_isa(hidden_states, w13, w2, biases, activation)
         if isa is not None:
-            return _vllm_fused(hidden_states, w13, w2, topk_weights, topk_ids, isa, cache)
+            return _vllm_fused(
+                hidden_states, w13, w2, topk_weights, topk_ids, isa, cache, biases, activation
+            )
     compute_dtype = _compute_dtype(hidden_states)
-    return _sorted_experts(hidden_states, w13, w2, topk_weights, topk_ids, compute_dtype, cache)
+    return _sorted_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, compute_dtype, cache, biases, activation
+    )
 
 
 def moe_experts_torch_fp8(
@@ -216,9 +253,14 @@ def moe_experts_torch_fp8(
     cache: WeightCache | None = None,
     hidden_scales: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    *,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
     """FP8 block-scaled experts: w13 `[S, 2I, H]` and w2 `[S, H, I]` float8 e4m3, their
-    scales in ``fp8``; other arguments and the result as in `moe_experts_torch`. With
+    scales in ``fp8``; the biases (not quantized) and other arguments and the result as in
+    `moe_experts_torch`. With
     ``hidden_scales`` (W8A8 only) hidden_states are float8 already quantized per token and
     ``bk`` columns (by an fp8 dispatch) and are used as they are; the result is then in
     ``out_dtype``.
@@ -231,7 +273,11 @@ def moe_experts_torch_fp8(
         dtype = _compute_dtype(hidden_states)
         w13 = _dequantized(w13, fp8.w13_scale, fp8.block, dtype, cache)
         w2 = _dequantized(w2, fp8.w2_scale, fp8.block, dtype, cache)
-        out = moe_experts_torch(hidden_states.to(dtype), w13, w2, topk_weights, topk_ids, cache)
+        b13, b2 = (None if b is None else _upcast(b, dtype, cache) for b in (w13_bias, w2_bias))
+        out = moe_experts_torch(
+            hidden_states.to(dtype), w13, w2, topk_weights, topk_ids, cache,
+            w13_bias=b13, w2_bias=b2, activation=activation,
+        )  # fmt: skip
         return out.to(hidden_states.dtype)
     group = fp8.block[1]
     w13 = _dequantized(w13, fp8.w13_scale, fp8.block, torch.float32, cache)
@@ -241,8 +287,8 @@ def moe_experts_torch_fp8(
     else:
         x = _fake_quantized(hidden_states, group)
     out = _sorted_experts(
-        x, w13, w2, topk_weights, topk_ids, torch.float32, cache,
-        act_quant=functools.partial(_fake_quantized, group=group),
+        x, w13, w2, topk_weights, topk_ids, torch.float32, cache, (w13_bias, w2_bias),
+        activation, act_quant=functools.partial(_fake_quantized, group=group),
     )  # fmt: skip
     return out.to(out_dtype or hidden_states.dtype)
 
@@ -276,11 +322,13 @@ def _fake_quantized(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _sorted_experts(
-    hidden_states, w13, w2, topk_weights, topk_ids, compute_dtype, cache, act_quant=None
-) -> torch.Tensor:
+    hidden_states, w13, w2, topk_weights, topk_ids, compute_dtype, cache, biases, activation,
+    act_quant=None,
+) -> torch.Tensor:  # fmt: skip
     """Pairs sorted by expert, both GEMMs in ``compute_dtype``, the weighted sum in fp32.
 
-    act_quant: applied to the SiLU-and-mul intermediate before the down GEMM (W8A8)."""
+    biases: (w13_bias `[S, 2I]`, w2_bias `[S, H]`), each None or any float dtype.
+    act_quant: applied to the activation's output before the down GEMM (W8A8)."""
     M, H = hidden_states.shape
     E = w13.shape[0]
     k = topk_ids.shape[1]
@@ -292,34 +340,38 @@ def _sorted_experts(
     order = order[:num_valid]
     tokens = order // k
     x = hidden_states.index_select(0, tokens).to(compute_dtype)
+    b13, b2 = (None if b is None else _upcast(b, compute_dtype, cache) for b in biases)
     on_cpu = hidden_states.device.type == "cpu"
     if on_cpu and act_quant is None and num_valid * H * w2.shape[2] <= GROUPED_MM_MAX_WORK:
-        down = _grouped(x, w13, w2, counts, compute_dtype, cache)
+        row_expert = key[order]  # [num_valid]: the slot of each sorted row
+        down = _grouped(x, w13, w2, counts, row_expert, b13, b2, activation, compute_dtype, cache)
     else:
-        down = _per_expert(x, w13, w2, counts.tolist(), compute_dtype, cache, act_quant)
+        down = _per_expert(
+            x, w13, w2, counts.tolist(), b13, b2, activation, compute_dtype, cache, act_quant
+        )
     down = down.float().mul_(topk_weights.reshape(-1)[order].float().unsqueeze(1))
     out = torch.zeros(M, H, dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, tokens, down)
     return out.to(hidden_states.dtype)
 
 
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """`[rows, 2I]` -> `[rows, I]`: silu(gate) * up."""
-    inter = gate_up.shape[1] // 2
-    act = F.silu(gate_up[:, :inter])
-    return act.mul_(gate_up[:, inter:])
-
-
-def _grouped(x, w13, w2, counts, dtype, cache):
-    """Both GEMMs as one ``torch._grouped_mm`` each; x `[rows, H]` sorted by expert."""
+def _grouped(x, w13, w2, counts, row_expert, b13, b2, activation, dtype, cache):
+    """Both GEMMs as one ``torch._grouped_mm`` each; x `[rows, H]` sorted by expert, the
+    slot of each row in ``row_expert`` `[rows]`, biases b13, b2 None or ``dtype``."""
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     w13, w2 = _upcast(w13, dtype, cache), _upcast(w2, dtype, cache)
     gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offsets)
-    return torch._grouped_mm(_silu_mul(gate_up), w2.transpose(1, 2), offs=offsets)
+    if b13 is not None:
+        gate_up += b13.index_select(0, row_expert)
+    down = torch._grouped_mm(activation(gate_up), w2.transpose(1, 2), offs=offsets)
+    if b2 is not None:
+        down += b2.index_select(0, row_expert)
+    return down
 
 
-def _per_expert(x, w13, w2, counts, dtype, cache, act_quant=None):
-    """``torch.mm`` per active expert on its row slice; x `[rows, H]` sorted by expert."""
+def _per_expert(x, w13, w2, counts, b13, b2, activation, dtype, cache, act_quant=None):
+    """``torch.mm`` (``addmm`` with a bias) per active expert on its row slice; x
+    `[rows, H]` sorted by expert, biases b13, b2 None or ``dtype``."""
     down = torch.empty(x.shape[0], w2.shape[1], dtype=dtype, device=x.device)
     w13, w2 = _upcast(w13, dtype, cache), _upcast(w2, dtype, cache)
     start = 0
@@ -327,9 +379,16 @@ def _per_expert(x, w13, w2, counts, dtype, cache, act_quant=None):
         if count == 0:
             continue
         end = start + count
-        act = _silu_mul(torch.mm(x[start:end], w13[e].t()))
+        if b13 is None:
+            gate_up = torch.mm(x[start:end], w13[e].t())
+        else:
+            gate_up = torch.addmm(b13[e], x[start:end], w13[e].t())
+        act = activation(gate_up)
         if act_quant is not None:
             act = act_quant(act)
-        torch.mm(act, w2[e].t(), out=down[start:end])
+        if b2 is None:
+            torch.mm(act, w2[e].t(), out=down[start:end])
+        else:
+            torch.addmm(b2[e], act, w2[e].t(), out=down[start:end])
         start = end
     return down

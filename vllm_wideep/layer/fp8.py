@@ -9,9 +9,10 @@ every other engine in the process.
     routed experts   `WideEPFp8MoEMethod`: vLLM's FP8 weights and block scales, loaded by
                      vLLM's own loader (`w13_weight` `[S, 2I, H]` float8,
                      `w13_weight_scale_inv` `[S, 2I / 128, H / 128]` float32, w2 alike),
-                     computed by the wide-EP experts (`kernels.moe_experts(fp8=...)`). A
-                     slot is its weights and its scales: moves, replicas and checksums
-                     carry both.
+                     computed by the wide-EP experts (`kernels.moe_experts(fp8=...)`),
+                     with the expert biases (model dtype, not quantized) where the model
+                     has them. A slot is its weights, scales and biases: moves, replicas
+                     and checksums carry them all.
     other Linears    vLLM's `Fp8LinearMethod` where the platform has an FP8 kernel; on
                      CPUs (none has one in vLLM 0.32) `Fp8DequantizedLinearMethod`, which
                      dequantizes the weight once at load (one log line).

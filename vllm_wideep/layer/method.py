@@ -6,8 +6,14 @@ Weights keep vLLM's canonical layout (`w13 [S, 2I, H]`, `w2 [S, H, I]`, S slots 
 already sharded to this rank's experts by vLLM's loader (EP size = DP x TP).
 
 `build_wideep_kernel` is the part every wide-EP method shares (the FP8 one in `fp8.py`
-too): the layer's slots (weights plus, for quantized experts, their scales), the token
+too): the layer's slots (weights, biases and, for quantized experts, scales), the token
 exchange, the experts, and the registration in the worker's state.
+
+What the experts compute comes from vLLM's `FusedMoEConfig` and the MoE layer's own
+attributes. Every field of both is in one of two tables below, `MOE_FIELDS_HONOURED` (with
+where it is honoured) or `MOE_FIELDS_REFUSED` (with the values the wide-EP layer computes;
+any other is refused at model build by `check_supported`, naming field and value).
+`tests/unit/test_moe_config_fields.py` fails when vLLM grows a field neither table lists.
 """
 
 from __future__ import annotations
@@ -33,11 +39,80 @@ from vllm_wideep.eplb.files import read_placement
 from vllm_wideep.eplb.location import ExpertSlots
 from vllm_wideep.eplb.mover import apply_moves, plan_moves
 from vllm_wideep.kernels.fp8 import Fp8Experts
-from vllm_wideep.layer.experts import WideEPExperts
+from vllm_wideep.layer.experts import WideEPExperts, expert_activation
 from vllm_wideep.layer.prepare_finalize import TokenSlice, WideEPPrepareAndFinalize
 from vllm_wideep.layer.state import register_layer
 
 logger = init_logger("vllm_wideep")
+
+# FusedMoEConfig fields and MoE layer (`RoutedExperts.__init__`) parameters the wide-EP
+# layer honours, and where.
+MOE_FIELDS_HONOURED: dict[str, str] = {
+    # the experts' math: `expert_activation` maps or refuses each combination
+    "activation": "expert_activation",
+    "swiglu_limit": "expert_activation: Activation.limit",
+    "swiglu_alpha": "expert_activation: Activation.alpha",
+    "swiglu_beta": "expert_activation: Activation.beta",
+    "has_bias": "w13_bias and w2_bias: in the experts and in every slot (moved with it)",
+    "apply_router_weight_on_input": "prepare scales the input (top-1); check_layer refuses k > 1",
+    # shapes and placement
+    "num_experts": "slots and routing tables",
+    "num_logical_experts": "equals num_experts: vLLM's own EPLB is refused (plugin/engine.py)",
+    "num_local_experts": "the slots per rank before redundant ones",
+    "experts_per_token": "k of every dispatch",
+    "hidden_dim": "H of the dispatch rows and the experts",
+    "hidden_dim_unpadded": "padding is zero weight rows: contributes nothing",
+    "intermediate_size": "I, read from the weights",
+    "intermediate_size_per_partition": "I per rank, read from the weights",
+    "intermediate_size_per_partition_unpadded": "padding is zero weights: act(0) = 0",
+    "intermediate_pad": "padding is zero weights: act(0) = 0",
+    "tp_shard_with_padding": "vLLM's loader shards the weights before the experts read them",
+    "in_dtype": "the dispatch rows' dtype",
+    "device": "the weights' device",
+    "moe_parallel_config": "EP group, TP slicing and sequence parallelism (prepare_finalize)",
+    "max_num_tokens": "vLLM's batched DP buffers, unused: dispatch sizes its own buffers",
+    "elastic_ep_max_dp_size": "sizes vLLM's elastic-EP buffers, unused: dispatch sizes its own",
+    "max_capture_size": "CUDA-graph sizes: the capacity exchange reads compilation_config",
+    "defer_moe_finalize_max_num_tokens": "read by experts that defer; the wide-EP ones never do",
+    "_defer_moe_finalize": "read by experts that defer; the wide-EP ones never do",
+    # routing: vLLM's router runs before prepare and hands over topk_ids and weights
+    "routing_method": "vLLM's router",
+    "router_logits_dtype": "vLLM's router",
+    "has_hash_routing": "vLLM's router",
+    "renormalize": "vLLM's router",
+    "use_grouped_topk": "vLLM's router",
+    "num_expert_group": "vLLM's router",
+    "topk_group": "vLLM's router",
+    "custom_routing_function": "vLLM's router",
+    "scoring_func": "vLLM's router",
+    "routed_scaling_factor": "vLLM's router or runner scales the weights or the output",
+    "e_score_correction_bias": "vLLM's router",
+    "shared_expert_prefix": "shared experts run in vLLM's runner, beside the routed ones",
+    # layer construction
+    "layer_name": "slots and statistics are keyed by it",
+    "params_dtype": "the weights' dtype",
+    "moe_config": "this table",
+    "quant_config": "the quantization method (unquantized or wideep_fp8)",
+    "expert_map_manager": "vLLM's loader's expert sharding; slots start from it",
+    "ckpt_gate_proj_name": "vLLM's loader",
+    "ckpt_down_proj_name": "vLLM's loader",
+    "ckpt_up_proj_name": "vLLM's loader",
+    "is_fused_checkpoint_transposed": "vLLM's loader",
+}
+
+# FusedMoEConfig fields with the only values the wide-EP layer computes; `check_supported`
+# refuses any other at model build.
+MOE_FIELDS_REFUSED: dict[str, tuple] = {
+    "moe_backend": ("auto",),  # the wide-EP experts replace vLLM's backends
+    "is_lora_enabled": (False,),  # no LoRA in the wide-EP experts
+    "skip_final_all_reduce": (False,),  # finalize relies on the runner's TP all-reduce
+    "activation_situ_beta": (None,),  # SiTU is not computed
+    "activation_situ_linear_beta": (None,),
+    # ROCm AITER experts (vLLM sets the first two to None where AITER is absent)
+    "rocm_aiter_fmoe_enabled": (False, None),
+    "aiter_fmoe_shared_expert_enabled": (False, None),
+    "use_mxfp4_w4a4_dsv4": (False,),
+}
 
 
 def current_wideep_config() -> WideEPConfig:
@@ -69,6 +144,13 @@ class WideEPUnquantizedMethod(UnquantizedFusedMoEMethod):
         )
 
 
+def expert_biases(moe, layer) -> list[torch.Tensor]:
+    """The layer's expert biases, w13_bias `[S, 2I]` and w2_bias `[S, H]`, or none."""
+    if not moe.has_bias:
+        return []
+    return [layer.w13_bias.detach(), layer.w2_bias.detach()]
+
+
 def extra_slots(config: WideEPConfig, moe) -> int:
     """Redundant slots per rank: `redundant_experts / R`."""
     return config.redundant_experts // moe.moe_parallel_config.ep_size
@@ -84,17 +166,23 @@ def build_wideep_kernel(
 ) -> tuple[ExpertSlots, mk.FusedMoEKernel]:
     """The layer's slots and its wide-EP kernel, registered with the worker's state.
 
-    weights: every per-slot tensor of the layer, each `[S, ...]` (w13, w2, then the FP8
-        scales if any): what a slot is, so moves, replicas and checksums cover them all.
+    weights: the per-slot weights of the layer, each `[S, ...]` (w13, w2, then the FP8
+        scales if any). The slots hold them and the layer's biases (`expert_biases`):
+        what a slot is, so moves, replicas and checksums cover them all.
     fp8: the scales of FP8 weights (the same tensors as in `weights`), or None.
     """
-    slots = _make_slots(config, moe, layer, weights)
+    check_layer(layer)
+    biases = expert_biases(moe, layer)
+    slots = _make_slots(config, moe, layer, weights + biases)
+    w13_bias, w2_bias = biases or (None, None)
     experts = WideEPExperts(
         moe,
         quant_config or FUSED_MOE_UNQUANTIZED_CONFIG,
         backend=config.experts_backend,
         tokens_per_slot=slots.tokens_per_slot,
         fp8=fp8,
+        w13_bias=w13_bias,
+        w2_bias=w2_bias,
     )
     # Every committed move writes the weights in place: drop the experts' copies.
     slots.on_weights_changed.append(experts.weight_cache.clear)
@@ -220,13 +308,26 @@ def _placement_row(path: str, layer_name: str, home: torch.Tensor) -> torch.Tens
 
 
 def check_supported(moe) -> None:
-    """Refuse the MoE features the wide-EP experts do not compute (yet)."""
-    if moe.has_bias:
+    """Refuse, at model build, a `FusedMoEConfig` the wide-EP experts do not compute: a
+    `MOE_FIELDS_REFUSED` field off its values, or an activation `expert_activation` refuses.
+    NotImplementedError naming the field and its value."""
+    for field, allowed in MOE_FIELDS_REFUSED.items():
+        value = getattr(moe, field)
+        if value not in allowed:
+            raise NotImplementedError(
+                f"vllm_wideep: this MoE layer has {field}={value!r}; the wide-EP experts "
+                f"compute only {field} in {list(allowed)}. Drop --enable-wideep for it."
+            )
+    expert_activation(moe)
+
+
+def check_layer(layer) -> None:
+    """Refuse the MoE layer attributes the wide-EP experts do not compute (model build)."""
+    top_k = layer.moe_config.experts_per_token
+    if layer.apply_router_weight_on_input and top_k > 1:
+        # prepare scales each token's input by its router weight: one weight per token.
         raise NotImplementedError(
-            "vllm_wideep: MoE layers with expert biases are not supported yet."
-        )
-    if not moe.is_act_and_mul or moe.activation.value != "silu":
-        raise NotImplementedError(
-            f"vllm_wideep: only SiLU-and-mul experts are supported yet; this model's "
-            f"experts use {moe.activation.value} (act_and_mul={moe.is_act_and_mul})."
+            f"vllm_wideep: {layer.layer_name} has apply_router_weight_on_input=True with "
+            f"top-k {top_k}; the wide-EP layer applies router weights to the input for "
+            "top-1 routing only (as vLLM's own kernels do)."
         )

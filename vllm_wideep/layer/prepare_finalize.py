@@ -78,7 +78,8 @@ class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         defer_input_quant: bool = False,
     ) -> mk.PrepareResultType:
         if apply_router_weight_on_input:
-            # Only defined for top-1 (Llama-4): scale the input, send weight 1.
+            # Top-1 (Llama-4): scale the input, send weight 1. With k > 1 one input row
+            # cannot carry k weights: `method.check_layer` refuses that at model build.
             a1 = a1 * topk_weights.to(a1.dtype)
             topk_weights = torch.ones_like(topk_weights)
         start, end = self.token_slice.bounds(a1.shape[0])
