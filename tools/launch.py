@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
@@ -135,6 +137,27 @@ def run_group(args: list[str], env: dict[str, str], timeout: float) -> str:
         what = f"timed out after {timeout}s" if timed_out else f"exit {proc.returncode}"
         raise RuntimeError(f"{' '.join(args[:4])} ... {what}:\n{tail}")
     return output
+
+
+def group_processes(pgid: int) -> list[psutil.Process]:
+    """The live processes of process group `pgid`. Zombies are left out: they have exited
+    and hold no memory, they only wait for their parent to read their exit status."""
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+    return members
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """Resident memory of every live process of group `pgid`, summed (pages shared
+    between them counted once per process)."""
+    total = 0
+    for process in group_processes(pgid):
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
 
 
 def free_port() -> int:

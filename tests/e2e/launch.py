@@ -15,6 +15,8 @@ from tools.launch import (
     Server,
     e2e_env,
     free_port,
+    group_processes,
+    group_rss_bytes,
     run_group,
 )
 
@@ -25,6 +27,8 @@ __all__ = [
     "e2e_env",
     "free_port",
     "generate",
+    "group_processes",
+    "group_rss_bytes",
     "run_group",
     "server_complete",
 ]

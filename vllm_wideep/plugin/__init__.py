@@ -26,6 +26,7 @@ def register() -> None:
     from vllm_wideep.plugin.cli import patch_cli
     from vllm_wideep.plugin.engine import patch_engine_config
     from vllm_wideep.plugin.ray_cpu import patch_ray_cpu
+    from vllm_wideep.plugin.server import patch_server_exit_status
     from vllm_wideep.plugin.worker import install_step_hooks, patch_dp_client
 
     if op_registry_oot.get("MoERunner") is not WideEPMoERunner:
@@ -39,5 +40,6 @@ def register() -> None:
     patch_engine_config()
     patch_dp_client()
     patch_ray_cpu()
+    patch_server_exit_status()
     if install_step_hooks not in state.on_first_layer:
         state.on_first_layer.append(install_step_hooks)

@@ -10,7 +10,9 @@ of vLLM fails in one test, not at serving time. Written for `VLLM_VERSION`.
 
 Processes: `every process` = wherever vLLM loads its general plugins (front end, engine
 cores, workers); `workers` = installed when a worker builds its first wide-EP MoE layer;
-`Ray workers` = every Ray worker process of a CPU engine on Ray (`ray_cpu.py`).
+`API server` = the process of vLLM's OpenAI API server (`vllm serve`), which imports the
+server's module before it loads the plugins; `Ray workers` = every Ray worker process of a
+CPU engine on Ray (`ray_cpu.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Literal
 VLLM_VERSION = "0.32.0"
 
 Change = Literal["register_oot", "register", "extension", "wrap", "set"]
-Where = Literal["every process", "workers", "Ray workers"]
+Where = Literal["every process", "workers", "API server", "Ray workers"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,21 @@ HOOKS: tuple[Hook, ...] = (
         "workers",
         "the same for Model Runner V2 (GPUs), which steps EPLB through this controller",
         ("self", "is_dummy", "is_profile"),
+    ),
+    # The API server's exit status (plugin/server.py).
+    Hook(
+        "vllm.v1.engine.async_llm:AsyncLLM.shutdown",
+        "wrap",
+        "API server",
+        "remember the engine clients asked to shut down, to tell a stop from an engine death",
+        ("self", "timeout"),
+    ),
+    Hook(
+        "vllm.entrypoints.launchers.api_server.entry:build_and_serve",
+        "wrap",
+        "API server",
+        "when the engine died while serving, exit 1 after vLLM's clean-up (vLLM 0.32 exits 0)",
+        ("engine_client",),
     ),
     # Ray on CPU (plugin/ray_cpu.py).
     Hook(
