@@ -3,41 +3,49 @@
 Names follow the glossary in `placement.py` (L layers, E experts, R ranks, S slots per rank,
 N = R * S slots). A slot of expert e serves `share[e] = load[e] / count[e]` tokens, where
 `count[e]` is its replica count: tokens of a replicated expert split evenly over replicas.
-Each layer is planned on its own, in four steps:
+Every step runs on all layers at once (numpy over a leading layer axis, no per-expert
+Python loop); the loops left run over slots, ranks or swap rounds, never over layers:
 
-1. Replicate. Candidate replica counts, each run through steps 2-3; the one with the
-   lowest max rank load wins (ties: the earlier). No expert gets more than R replicas
-   while another expert can take one: a rank holding two copies of an expert gains
-   nothing.
+1. Replicate. Candidate replica counts, each run through step 2; per layer the one with
+   the lowest max rank load wins (ties: the earlier), then goes through step 3. No expert
+   gets more than R replicas while another expert can take one: a rank holding two
+   copies of an expert gains nothing.
    a. greedy: every expert gets one slot; each of the N - E extra slots goes to the
       expert with the largest `share` (TensorRT-LLM's `doReplication`, DeepSeek's
       `replicate_experts`).
-   b. split, for f in `_SPLIT_FRACTIONS`: expert e gets `ceil(load[e] / (f * mean rank
-      load))` replicas; leftover slots go to the coldest experts. Greedy cuts hot experts
-      into many mid-size replicas that no two fit on one rank (Zipf 1.2, EP 64, S = 5:
-      ~80 replicas at 0.4-0.6 of the mean rank load, balancedness 0.93); cut into
-      about one rank's worth, each goes on a rank of its own with cold experts (0.999).
-   Candidates stop once the max rank load is within `_GOOD_ENOUGH` of the mean.
-2. Pack (LPT). Replicas in descending `share` (ties: lower expert id first) each go to
-   the least-loaded rank (ties: lower rank) that has a free slot and does not hold that
-   expert yet; only if no such rank exists, to the least-loaded rank with a free slot.
-3. Refine. While some swap of one slot on the most-loaded rank with one slot on another
-   rank lowers the larger of the two ranks' loads, make the best such swap (the one whose
-   larger load is smallest), keeping replicas on distinct ranks.
-4. Keep (only with `current`). `fresh` is the plan of steps 1-3 and `limit` its max rank
-   load times 1 + `STABILITY_TOLERANCE` (1 %); rank loads are under the new load.
+   b. split, for f in `_SPLIT_FRACTIONS`, only for the layers greedy left above
+      `_GOOD_ENOUGH`: expert e gets `ceil(load[e] / (f * mean rank load))` replicas;
+      leftover slots go to the coldest experts. Greedy cuts hot experts into many
+      mid-size replicas that no two fit on one rank (Zipf 1.2, EP 64, S = 5: ~80 replicas
+      at 0.4-0.6 of the mean rank load, balancedness 0.93); cut into about one rank's
+      worth, each goes on a rank of its own with cold experts (0.999).
+2. Pack. Greedy's replicas by LPT: in descending `share` (ties: lower expert id first)
+   each goes to the least-loaded rank (ties: lower rank) that has a free slot and does
+   not hold that expert yet; only if no such rank exists, to the least-loaded rank with a
+   free slot. Step 1b's candidates, cheaper, by rounds: round t gives each rank one
+   replica, the largest to the least-loaded rank (a candidate left with two copies of an
+   expert on a rank is dropped). Per layer the lowest max rank load wins.
+3. Refine, at most `_ROUNDS` rounds. Each round pairs the k-th most-loaded rank above the
+   target with the k-th least-loaded and makes each pair's best slot swap (the one whose
+   larger load is smallest), keeping replicas on distinct ranks; a layer where no pair
+   improves tries its most-loaded rank against each rank of the lighter half. Stops once
+   the max rank load is within `_GOOD_ENOUGH` of the lower bound max(mean rank load,
+   largest share).
+4. Keep (only with `current`). `limit` is the lower bound of step 3 times
+   1 + `STABILITY_TOLERANCE` (1 %); rank loads are under the new load.
    a. If `current` places every expert and its max rank load is <= limit, keep it as is.
-   b. Else keep, of these candidates, the one changing the fewest slots among those with
-      max rank load <= limit (relabel always is: it has `fresh`'s rank loads):
-      - relabel: map `fresh`'s rank bins onto old ranks by a maximum-overlap assignment
-        (Hungarian, numpy), then leave each expert that stays on its rank in its old slot.
-      - repair, to `current`'s replica counts and to `fresh`'s: start from `current`,
-        drop surplus replicas (duplicates on a rank, then on the most-loaded ranks first),
-        put missing replicas into the freed slots by step 2, swap any second copy of an
-        expert on a rank away to a rank lacking it, and refine by step 3 until the max
-        rank load is <= limit.
-   On Zipf traces whose hot experts drift (benchmarks/eplb.py, EP 8-64), this changes
-   0-23 % as many slots per rebalance as planning from scratch, at balancedness >= 0.99.
+   b. Else repair, to `current`'s replica counts and to step 1's: start from `current`,
+      drop surplus replicas (duplicates on a rank, then on the most-loaded ranks first),
+      put missing replicas into the freed slots by LPT, and refine by step 3 until the
+      max rank load is <= limit. Of the repairs under the limit, keep the one changing
+      fewer slots.
+   c. Where no repair gets under it, refine the fresh plan (step 3), raise the limit to
+      its max rank load times 1 + `STABILITY_TOLERANCE`, and take a repair under that;
+      else relabel: map the fresh plan's rank bins onto old ranks by a maximum-overlap
+      assignment (`scipy.optimize.linear_sum_assignment`), then leave each expert that
+      stays on its rank in its old slot.
+   On Zipf traces whose hot experts drift (tests/unit/test_eplb_policy.py, EP 8-64), this
+   changes 1-30 % as many slots per rebalance as planning from scratch.
 
 Worked example (one layer, E = 4, R = 2, S = 3, load = [6, 3, 2, 1]; N - E = 2 extra slots):
 
@@ -48,29 +56,33 @@ Worked example (one layer, E = 4, R = 2, S = 3, load = [6, 3, 2, 1]; N - E = 2 e
          0 -> rank 0 [3]       0 -> rank 1 [3]        2 -> rank 0 [5]
          1 -> rank 1 [4.5]     1 -> rank 0 [6.5] (rank 1 already holds expert 1)
          3 -> rank 1 [5.5]
+    1b. peak 6.5 > mean 6: f = 1 (cap 6): count [1, 1, 1, 1] + 2 leftover to the coldest,
+       experts 3 and 2: shares [6, 3, 1, 0.5], packed to rank 0 = {0, 2, 3} = 7.5: worse.
+       f = 0.75, 0.5, 0.9 give count [2, 1, 1, 2], peak 6.5: a tie, so 1a's plan stays.
     3. rank 0 = {0, 2, 1} = 6.5, rank 1 = {0, 1, 3} = 5.5: the only swap that keeps
        replicas distinct and moves load (2 <-> 3) gives 5.5 / 6.5, no better. Done.
-    1b. f = 1 (cap 6): count [1, 1, 1, 1] + 2 leftover to the coldest, experts 3 and 2:
-       shares [6, 3, 1, 0.5], packed to rank 0 = {0, 2, 3} = 7.5: worse. f = 0.75, 0.5,
-       0.9 give count [2, 1, 1, 2], peak 6.5: a tie, so 1a's plan stays.
     physical_to_logical = [[0, 2, 1, 0, 1, 3]], balancedness = 6 / 6.5 = 0.92.
 
-Costs per layer: replication O((N - E) E), packing O(N R), one refine step O(S^2 R);
-relabel O(R^3) (Hungarian) + O(R^2 E) (overlaps).
+Costs, all layers at once: replication N - E rounds of O(L E); LPT N rounds of O(L R);
+one refine round O(L S^2 R); relabel O(R^3) per layer relabelled (scipy) + O(L R S R).
+On one core that is about vLLM's DeepSeek policy's time for DeepSeek-V3's 58 layers
+(benchmarks/eplb_plan.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 # A layer keeps its current placement, or a cheaper repair of it, while its max rank load
 # is at most this fraction above that of a fresh plan.
 STABILITY_TOLERANCE = 0.01
 # Step 1b's largest replica share, as fractions of the mean rank load, tried in this order.
 _SPLIT_FRACTIONS = (1.0, 0.75, 0.5, 0.9)
-# Stop trying replication rules once the max rank load is this close to the mean.
-_GOOD_ENOUGH = 0.002
+# A plan whose max rank load is this close to its lower bound needs no further work.
+_GOOD_ENOUGH = 1e-4
+_ROUNDS = 16
 # Relative margin a refine swap must win by; stops float ties from cycling.
 _EPS = 1e-9
 
@@ -96,8 +108,8 @@ def plan_placement(
         slots `r * S ... r * S + S - 1`. Every expert appears at least once; the extra
         slots hold replicas of hot experts, on distinct ranks where possible.
     """
-    weights = _check_load(load)
-    num_layers, num_experts = weights.shape
+    w = _check_load(load)
+    num_layers, num_experts = w.shape
     if not isinstance(num_ranks, int) or num_ranks <= 0:
         raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
     if not isinstance(slots_per_rank, int) or slots_per_rank <= 0:
@@ -109,14 +121,13 @@ def plan_placement(
             f"{num_experts} experts"
         )
     old = None if current is None else _check_current(current, num_layers, num_slots, num_experts)
-
-    out = np.empty((num_layers, num_slots), dtype=np.int64)
-    for layer in range(num_layers):
-        fresh = _plan_fresh(weights[layer], num_ranks, slots_per_rank)
-        if old is not None:
-            fresh = _keep(weights[layer], fresh, old[layer].reshape(num_ranks, slots_per_rank))
-        out[layer] = fresh.reshape(-1)
-    return torch.from_numpy(out)
+    bins, count = _pack_fresh(w, num_ranks, slots_per_rank)
+    bound = _lower_bound(w, count, num_ranks)  # [L]
+    if old is None:
+        bins = _refine(w, bins, bound * (1 + _GOOD_ENOUGH))
+    else:
+        bins = _keep(w, bins, bound, old.reshape(num_layers, num_ranks, slots_per_rank))
+    return torch.from_numpy(bins.reshape(num_layers, num_slots))
 
 
 # ---- input checks -------------------------------------------------------------------------
@@ -152,267 +163,439 @@ def _check_current(
     return old
 
 
+# ---- shared helpers -----------------------------------------------------------------------
+
+
+def _counts(bins: np.ndarray, num_experts: int) -> np.ndarray:
+    """bins: `[B, ...]` expert ids (`-1` = empty, not counted) -> `[B, E]` int64 copies."""
+    flat = bins.reshape(len(bins), -1)
+    rows = np.broadcast_to(np.arange(len(bins))[:, None], flat.shape)
+    keys = (rows * num_experts + flat)[flat >= 0]
+    return np.bincount(keys, minlength=len(bins) * num_experts).reshape(len(bins), num_experts)
+
+
+def _held(bins: np.ndarray, num_experts: int) -> np.ndarray:
+    """bins: `[B, R, S]` (`-1` = empty) -> `[B, R, E]` int64 copies of each expert per rank."""
+    num_rows, num_ranks, _ = bins.shape
+    return _counts(bins.reshape(num_rows * num_ranks, -1), num_experts).reshape(
+        num_rows, num_ranks, num_experts
+    )
+
+
+def _rank_load(w: np.ndarray, bins: np.ndarray, count: np.ndarray | None = None) -> np.ndarray:
+    """`[B, R]` tokens per rank of `bins` (`[B, R, S]`, no `-1`) under load w (`[B, E]`),
+    replicas sharing their expert's load evenly (by `count`, default: bins' own)."""
+    if count is None:
+        count = _counts(bins, w.shape[1])
+    share = w / np.maximum(count, 1)
+    flat = bins.reshape(len(bins), -1)
+    return np.take_along_axis(share, flat, axis=1).reshape(bins.shape).sum(axis=2)
+
+
+def _lower_bound(w: np.ndarray, count: np.ndarray, num_ranks: int) -> np.ndarray:
+    """`[B]` no max rank load can be lower: the mean, and the largest share."""
+    return np.maximum(w.sum(axis=1) / num_ranks, (w / np.maximum(count, 1)).max(axis=1))
+
+
 # ---- steps 1-3: a fresh plan --------------------------------------------------------------
 
 
-def _plan_fresh(w: np.ndarray, num_ranks: int, slots_per_rank: int) -> np.ndarray:
-    """One layer, steps 1-3. w: `[E]` float64 load. Returns `[R, S]` int64 expert ids."""
+def _pack_fresh(w: np.ndarray, num_ranks: int, slots_per_rank: int):
+    """Steps 1-2 for every layer. w: `[L, E]` float64 load. Returns `[L, R, S]` int64
+    bins and their `[L, E]` int64 replica counts."""
+    num_layers, num_experts = w.shape
     num_slots = num_ranks * slots_per_rank
-    good_enough = w.sum() / num_ranks * (1 + _GOOD_ENOUGH)
-    best, best_peak = None, np.inf
-    counts = [_replicate(w, num_slots, num_ranks)]
-    counts += [_split(w, num_slots, num_ranks, f) for f in _SPLIT_FRACTIONS]
-    for k, count in enumerate(counts):
-        if count is None or any(np.array_equal(count, c) for c in counts[:k] if c is not None):
-            continue
-        bins = np.full((num_ranks, slots_per_rank), -1, dtype=np.int64)
-        _pack(w / count, np.repeat(np.arange(len(w)), count), bins)
-        _refine(w, bins)
-        peak = _peak(w, bins)
-        if peak < best_peak * (1 - _EPS):
-            best, best_peak = bins, peak
-        if best_peak <= good_enough:
-            break
-    return best
+    count = _replicate(w, num_slots, num_ranks)
+    experts = np.repeat(np.tile(np.arange(num_experts), num_layers), count.reshape(-1))
+    bins = np.full((num_layers, num_ranks, slots_per_rank), -1, dtype=np.int64)
+    _pack(w / count, experts.reshape(num_layers, -1), bins)
+    peak = _rank_load(w, bins, count).max(axis=1)
+    mean = w.sum(axis=1) / num_ranks
+    todo = np.nonzero(peak > mean * (1 + _GOOD_ENOUGH))[0]
+    # Step 1b on the layers greedy left uneven, every fraction at once (rows: layer x f).
+    splits = [_split(w[todo], num_slots, num_ranks, f) for f in _SPLIT_FRACTIONS]
+    rows = np.concatenate([todo[ok] for _, ok in splits]).astype(np.int64)
+    if len(rows):
+        tried = np.concatenate([c[ok] for c, ok in splits])
+        tried_bins, clash = _pack_rounds(w[rows], tried, num_ranks, slots_per_rank)
+        tried_peak = np.where(clash, np.inf, _rank_load(w[rows], tried_bins, tried).max(axis=1))
+        # Per layer, the candidate with the lowest peak wins (ties: greedy, then the
+        # earlier fraction): candidate k of layer l is peaks[l, k].
+        which = np.concatenate([np.full(ok.sum(), k) for k, (_, ok) in enumerate(splits)])
+        peaks = np.full((num_layers, 1 + len(splits)), np.inf)
+        peaks[:, 0] = peak
+        peaks[rows, 1 + which] = tried_peak
+        won = np.argmin(peaks, axis=1)
+        pick = won[rows] == 1 + which
+        bins[rows[pick]] = tried_bins[pick]
+        count[rows[pick]] = tried[pick]
+    return bins, count
 
 
 def _replicate(w: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
-    """Step 1a, greedy: `[E]` int64 replica counts summing to num_slots."""
-    count = np.ones(len(w), dtype=np.int64)
-    for _ in range(num_slots - len(w)):
-        share = np.where(count < num_ranks, w / count, -np.inf)
-        if share.max() == -np.inf:  # N > E * R: duplicates on a rank are unavoidable
-            share = w / count
-        count[int(np.argmax(share))] += 1
+    """Step 1a, greedy: `[L, E]` int64 replica counts, each row summing to num_slots."""
+    num_layers, num_experts = w.shape
+    layers = np.arange(num_layers)
+    count = np.ones((num_layers, num_experts), dtype=np.int64)
+    extra, capped = num_slots - num_experts, True
+    if num_slots > num_experts * num_ranks:  # every expert reaches R; the rest uncapped
+        count[:] = num_ranks
+        extra, capped = num_slots - num_experts * num_ranks, False
+    share = w / count  # -inf once an expert has R replicas (while capped)
+    for _ in range(extra):
+        e = np.argmax(share, axis=1)
+        count[layers, e] += 1
+        c = count[layers, e]
+        share[layers, e] = np.where(capped & (c >= num_ranks), -np.inf, w[layers, e] / c)
     return count
 
 
-def _split(w: np.ndarray, num_slots: int, num_ranks: int, fraction: float) -> np.ndarray | None:
-    """Step 1b, split: `[E]` replica counts with shares <= fraction * mean rank load.
+def _split(
+    w: np.ndarray, num_slots: int, num_ranks: int, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1b, split: `[B, E]` replica counts with shares <= fraction * mean rank load,
+    and `[B]` bool, whether that fits (at most num_slots slots, at most R replicas of an
+    expert). Leftover slots go to the coldest experts, one each, ascending share."""
+    cap = fraction * w.sum(axis=1, keepdims=True) / num_ranks  # [B, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        count = np.maximum(1, np.ceil(np.where(cap > 0, w / cap, 1))).astype(np.int64)
+    left = num_slots - count.sum(axis=1)  # [B]
+    cold = np.argsort(w / count, axis=1, kind="stable")  # [B, E]
+    open_ = np.take_along_axis(count, cold, axis=1) < num_ranks
+    take = open_ & (np.cumsum(open_, axis=1) <= left[:, None])
+    ok = (cap[:, 0] > 0) & (count.max(axis=1) <= num_ranks) & (left >= 0)
+    ok &= open_.sum(axis=1) >= left
+    rows = np.broadcast_to(np.arange(len(w))[:, None], cold.shape)
+    count[rows[take], cold[take]] += 1
+    return count, ok
 
-    None when that needs more than num_slots slots (or more than R replicas of one
-    expert). Leftover slots go to the coldest experts, one each, ascending share.
+
+def _pack_rounds(w: np.ndarray, count: np.ndarray, num_ranks: int, slots_per_rank: int):
+    """Step 2 for step 1b's candidates, cheaper than LPT: R ranks take R replicas a round.
+
+    Returns `[B, R, S]` int64 holding expert e `count[b, e]` times, and `[B]` bool, rows
+    left with two copies of an expert on a rank (to be discarded). Replicas in
+    descending share fill slot column t in round t: the round's largest replica goes to
+    the least-loaded rank, the next to the next; a replica landing on a rank that holds
+    its expert trades ranks with its neighbour in the round when that clears both.
     """
-    cap = fraction * w.sum() / num_ranks
-    if cap <= 0:
-        return None
-    count = np.maximum(1, np.ceil(w / cap)).astype(np.int64)
-    if count.max() > num_ranks or count.sum() > num_slots:
-        return None
-    left = num_slots - int(count.sum())
-    cold = np.argsort(w / count, kind="stable")
-    cold = cold[count[cold] < num_ranks][:left]
-    if len(cold) < left:
-        return None
-    count[cold] += 1
-    return count
+    num_rows, num_experts = w.shape
+    share = w / np.maximum(count, 1)
+    experts = np.repeat(np.tile(np.arange(num_experts), num_rows), count.reshape(-1))
+    experts = experts.reshape(num_rows, -1)
+    item_share = np.take_along_axis(share, experts, 1)
+    order = np.argsort(-item_share, axis=1, kind="stable")
+    experts = np.take_along_axis(experts, order, 1).reshape(num_rows, slots_per_rank, num_ranks)
+    item_share = np.take_along_axis(item_share, order, 1).reshape(experts.shape)
+    bins = np.empty((num_rows, num_ranks, slots_per_rank), dtype=np.int64)
+    rank_load = np.zeros((num_rows, num_ranks))
+    rows = np.arange(num_rows)[:, None]
+    clash = np.zeros(num_rows, dtype=bool)
+    for t in range(slots_per_rank):
+        rank = np.argsort(rank_load, axis=1, kind="stable")  # [B, R] lightest first
+        e = experts[:, t]  # [B, R] descending share
+        x, k = np.nonzero((bins[rows, rank, :t] == e[..., None]).any(axis=2))
+        k2 = np.where(k + 1 < num_ranks, k + 1, k - 1)
+        ok = ~_holds(bins[x, rank[x, k2], :t], e[x, k]) & ~_holds(bins[x, rank[x, k], :t], e[x, k2])
+        rank[x[ok], k[ok]], rank[x[ok], k2[ok]] = rank[x[ok], k2[ok]], rank[x[ok], k[ok]]
+        clash[x[~ok]] = True
+        bins[rows, rank, t] = e
+        rank_load[rows, rank] += item_share[:, t]
+    return bins, clash
+
+
+def _holds(slots: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """slots: `[K, T]` a rank's filled slots; experts: `[K]` -> `[K]` bool, held already."""
+    return (slots == experts[:, None]).any(axis=1)
 
 
 def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
-    """Put `experts` (`[K]` ids, with repeats) into the `-1` slots of `bins` (`[R, S]`), LPT.
-
-    share: `[E]` float64 tokens per replica of each expert. Filled in place (step 2).
-    """
-    num_ranks = bins.shape[0]
-    num_experts = len(share)
+    """Put `experts` (`[B, K]` ids per row, `-1` = none) into the `-1` slots of `bins`
+    (`[B, R, S]`), LPT, filled in place (step 2). share: `[B, E]` float64 tokens per
+    replica. Each row must have at least as many free slots as experts."""
+    num_rows, num_ranks, slots_per_rank = bins.shape
+    rows = np.arange(num_rows)
     filled = bins >= 0
-    rank_load = np.where(filled, share[np.maximum(bins, 0)], 0.0).sum(axis=1)
-    free = (~filled).sum(axis=1)
-    holds = np.zeros((num_ranks, num_experts), dtype=bool)
-    rows, cols = np.nonzero(filled)
-    holds[rows, bins[rows, cols]] = True
-    # Descending share; `experts` is ascending, so the stable sort puts lower ids first.
-    order = np.argsort(-share[experts], kind="stable")
-    for e in experts[order]:
-        open_ = free > 0
-        ok = open_ & ~holds[:, e]
-        if not ok.any():
-            ok = open_
-        rank = int(np.argmin(np.where(ok, rank_load, np.inf)))
-        slot = int(np.argmax(bins[rank] < 0))
-        bins[rank, slot] = e
-        rank_load[rank] += share[e]
-        free[rank] -= 1
-        holds[rank, e] = True
+    flat = bins.reshape(num_rows, -1)
+    slot_share = np.take_along_axis(share, np.maximum(flat, 0), axis=1).reshape(bins.shape)
+    rank_load = np.where(filled, slot_share, 0.0).sum(axis=2)  # [B, R]
+    free = (~filled).sum(axis=2)  # [B, R]
+    holds = _held(bins, share.shape[1]).transpose(0, 2, 1) > 0  # [B, E, R]
+    # Descending share, ties in the given (ascending id) order; `-1` last.
+    item_share = np.where(experts >= 0, np.take_along_axis(share, np.maximum(experts, 0), 1), -1)
+    experts = np.take_along_axis(experts, np.argsort(-item_share, axis=1, kind="stable"), 1)
+    item_share = np.maximum(-np.sort(-item_share, axis=1, kind="stable"), 0)
+    # A rank's load as a candidate: inf when full; plus `penalty`, more than any rank's
+    # load, when it holds the expert already, so it is taken only if every open rank does.
+    cand = np.where(free > 0, rank_load, np.inf).reshape(-1)  # [B * R], flat: fast indexing
+    free = free.reshape(-1)
+    penalty = (2 * (rank_load.sum(axis=1) + item_share.sum(axis=1)) + 1)[:, None]
+    holds = holds.reshape(-1, num_ranks)  # [B * E, R]
+    num_experts = share.shape[1]
+    placed_rank = np.full(experts.shape, -1, dtype=np.int64)
+    real_items = (experts >= 0).sum(axis=1)
+    for k in range(int(real_items.max(initial=0))):
+        if k < real_items.min():  # every row has an item k: no row selection
+            live, load, pen = rows, cand.reshape(num_rows, num_ranks), penalty
+        else:
+            live = rows[k < real_items]
+            load, pen = cand.reshape(num_rows, num_ranks)[live], penalty[live]
+        held_row = live * num_experts + experts[live, k]  # [A] rows of `holds`
+        rank = np.argmin(load + holds[held_row] * pen, axis=1)
+        at = live * num_ranks + rank
+        cand[at] += item_share[live, k]
+        free[at] -= 1
+        cand[at[free[at] == 0]] = np.inf
+        holds[held_row, rank] = True
+        placed_rank[live, k] = rank
+    # A rank's j-th new expert goes to its j-th empty slot.
+    order = np.argsort(placed_rank, axis=1, kind="stable")  # by rank, then pack order
+    placed_rank = np.take_along_axis(placed_rank, order, 1)
+    experts = np.take_along_axis(experts, order, 1)
+    real = experts >= 0
+    b = np.broadcast_to(rows[:, None], experts.shape)[real]
+    r = placed_rank[real]
+    nth = _nth_in_group(b * num_ranks + r)
+    empty_first = np.argsort(filled, axis=2, kind="stable")  # [B, R, S]
+    bins[b, r, empty_first[b, r, nth]] = experts[real]
 
 
-def _refine(w: np.ndarray, bins: np.ndarray, target: float = 0.0) -> np.ndarray:
-    """Swap slots between the most-loaded rank and others while that lowers it (step 3).
+def _nth_in_group(keys: np.ndarray) -> np.ndarray:
+    """keys: `[K]` sorted -> `[K]` int64, each element's index among its equal keys."""
+    start = np.r_[0, np.nonzero(np.diff(keys))[0] + 1]
+    return np.arange(len(keys)) - np.repeat(start, np.diff(np.r_[start, len(keys)]))
 
-    w: `[E]` load; bins: `[R, S]` ids, changed in place and returned. Stops once the max
-    rank load is <= target.
+
+def _refine(w: np.ndarray, bins: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Swap slots between heavy and light ranks while that lowers the heavier (step 3).
+
+    w: `[B, E]`; bins: `[B, R, S]` ids, changed in place and returned; target: `[B]`, a
+    row stops once its max rank load is <= its target. Each round pairs, per row, the
+    k-th most-loaded rank above the target with the k-th least-loaded and makes each
+    pair's best swap (the one whose larger load is smallest): one round evens many rank
+    pairs. A row where no pair improves tries the most-loaded rank against every rank
+    (one swap); a row where that fails too is done.
     """
-    num_ranks, slots_per_rank = bins.shape
+    num_rows, num_ranks, _ = bins.shape
     if num_ranks == 1:
         return bins
-    count = np.bincount(bins.reshape(-1), minlength=len(w))
-    share = w / np.maximum(count, 1)
-    held = np.zeros((num_ranks, len(w)), dtype=np.int64)
-    np.add.at(held, (np.repeat(np.arange(num_ranks), slots_per_rank), bins.reshape(-1)), 1)
-    slot_load = share[bins]  # [R, S]
-    rank_load = slot_load.sum(axis=1)
-    others = np.arange(num_ranks)
-    for _ in range(4 * bins.size):
-        a = int(np.argmax(rank_load))
-        peak = rank_load[a]
-        if peak <= target:
+    share = w / np.maximum(_counts(bins, w.shape[1]), 1)
+    state = _SwapState(bins, _held(bins, w.shape[1]), None, None)
+    state.slot_load = np.take_along_axis(share, bins.reshape(num_rows, -1), 1).reshape(bins.shape)
+    state.rank_load = state.slot_load.sum(axis=2)  # [B, R]
+    active = np.arange(num_rows)
+    for _ in range(_ROUNDS):
+        over = state.rank_load[active] > target[active, None]  # [A, R]
+        active, over = active[over.any(axis=1)], over[over.any(axis=1)]
+        if not len(active):
             break
-        # delta[i, b, j]: load moving from rank a to rank b by swapping a's slot i with b's j.
-        delta = slot_load[a][:, None, None] - slot_load[None, :, :]
-        worst = np.maximum(peak - delta, rank_load[None, :, None] + delta)
-        e_a = bins[a]  # [S]
-        valid = (delta > 0) & (others != a)[None, :, None]
-        valid &= e_a[:, None, None] != bins[None, :, :]
-        valid &= (held[:, e_a].T == 0)[:, :, None]  # b does not hold a's expert yet
-        valid &= (held[a][bins] == 0)[None, :, :]  # a does not hold b's expert yet
-        worst = np.where(valid, worst, np.inf)
-        best = int(np.argmin(worst))
-        if not worst.flat[best] < peak * (1 - _EPS):
-            break
-        i, b, j = np.unravel_index(best, worst.shape)
-        ea, eb = int(bins[a, i]), int(bins[b, j])
-        bins[a, i], bins[b, j] = eb, ea
-        held[a, ea] -= 1
-        held[b, eb] -= 1
-        held[a, eb] += 1
-        held[b, ea] += 1
-        moved = delta[i, b, j]
-        slot_load[a, i], slot_load[b, j] = slot_load[b, j], slot_load[a, i]
-        rank_load[a] -= moved
-        rank_load[b] += moved
+        pairs = min(num_ranks // 2, int(over.sum(axis=1).max()))
+        by_load = np.argsort(state.rank_load[active], axis=1, kind="stable")
+        heavy, light = by_load[:, ::-1][:, :pairs], by_load[:, :pairs]  # [A, P]
+        excess, best, half_gap = state.best_swaps(active, heavy, light)
+        load_h = state.rank_load[active[:, None], heavy]
+        better = (excess < half_gap - _EPS * load_h) & (load_h > target[active, None])
+        x, p = np.nonzero(better)
+        state.swap(active[x], heavy[x, p], light[x, p], best[x, p])
+        stalled = active[~better.any(axis=1)]
+        if len(stalled):  # the peak rank against the lighter half, one swap per row
+            by_load = np.argsort(state.rank_load[stalled], axis=1, kind="stable")
+            peak, light = by_load[:, -1], by_load[:, : max(1, num_ranks // 2)]
+            heavy = np.repeat(peak[:, None], light.shape[1], axis=1)
+            excess, best, half_gap = state.best_swaps(stalled, heavy, light)
+            # The pair whose larger load ends lowest: mid + excess = peak - half_gap + excess.
+            p = np.argmin(excess - half_gap, axis=1)
+            x = np.arange(len(stalled))
+            ok = excess[x, p] < half_gap[x, p] - _EPS * state.rank_load[stalled, peak]
+            state.swap(stalled[ok], peak[ok], light[x, p][ok], best[x, p][ok])
+            active = np.setdiff1d(active, stalled[~ok])
     return bins
+
+
+class _SwapState:
+    """The refine's view of `[B, R, S]` bins: per-rank expert copies `held` (`[B, R, E]`),
+    `slot_load` (`[B, R, S]`) and `rank_load` (`[B, R]`), kept in step with swaps."""
+
+    def __init__(self, bins, held, slot_load, rank_load):
+        self.bins, self.held, self.slot_load, self.rank_load = bins, held, slot_load, rank_load
+
+    def best_swaps(self, rows: np.ndarray, heavy: np.ndarray, light: np.ndarray):
+        """For rank pairs (`[A, P]` heavy and light ranks of rows `[A]`): `[A, P]` how far
+        the larger load after each pair's best swap stays above the pair's midpoint, and
+        `[A, P]` that swap as `i * S + j` (heavy's slot i with light's slot j).
+
+        Swapping moves delta = slot_load[h, i] - slot_load[l, j] to the light rank; the
+        larger load becomes mid + |delta - gap / 2| (mid, gap: the pair's mean load and
+        difference), which is below the heavy load iff 0 < delta < gap. A swap is
+        invalid (inf) unless each rank lacks the other's expert."""
+        num_ranks, slots_per_rank = self.bins.shape[1:]
+        num_experts = self.held.shape[2]
+        # Flat (row, rank) ids of each pair's ranks: `[A * P]`; slot data as `[B * R, S]`.
+        at_h = (rows[:, None] * num_ranks + heavy).reshape(-1)
+        at_l = (rows[:, None] * num_ranks + light).reshape(-1)
+        bins = self.bins.reshape(-1, slots_per_rank)
+        slot_load = self.slot_load.reshape(-1, slots_per_rank)
+        held = self.held.reshape(-1)
+        half_gap = (self.rank_load.reshape(-1)[at_h] - self.rank_load.reshape(-1)[at_l]) / 2
+        from_h = slot_load[at_h] - half_gap[:, None]  # [A * P, S]
+        from_l = slot_load[at_l]
+        # Invalid slots push |delta - gap / 2| to inf: +inf on heavy's side, -inf on light's.
+        from_h[held[at_l[:, None] * num_experts + bins[at_h]] > 0] = np.inf
+        from_l[held[at_h[:, None] * num_experts + bins[at_l]] > 0] = -np.inf
+        # [S, S, A * P], pairs last: numpy's inner loops then run long.
+        excess = np.subtract(from_h.T[:, None, :], from_l.T[None, :, :])
+        excess = np.abs(excess, out=excess).reshape(slots_per_rank**2, -1)
+        best = np.argmin(excess, axis=0)
+        excess = excess[best, np.arange(len(best))]
+        return excess.reshape(heavy.shape), best.reshape(heavy.shape), half_gap.reshape(heavy.shape)
+
+    def swap(self, b: np.ndarray, h: np.ndarray, lt: np.ndarray, ij: np.ndarray) -> None:
+        """Swap slot i of rank h with slot j of rank lt in row b (`[K]` each, distinct
+        ranks per row), ij = i * S + j."""
+        i, j = np.divmod(ij, self.bins.shape[2])
+        eh, el = self.bins[b, h, i], self.bins[b, lt, j]
+        moved = self.slot_load[b, h, i] - self.slot_load[b, lt, j]
+        self.bins[b, h, i], self.bins[b, lt, j] = el, eh
+        np.add.at(self.held, (b, h, eh), -1)
+        np.add.at(self.held, (b, lt, el), -1)
+        np.add.at(self.held, (b, h, el), 1)
+        np.add.at(self.held, (b, lt, eh), 1)
+        self.slot_load[b, h, i], self.slot_load[b, lt, j] = (
+            self.slot_load[b, lt, j],
+            self.slot_load[b, h, i],
+        )
+        self.rank_load[b, h] -= moved
+        self.rank_load[b, lt] += moved
 
 
 # ---- step 4: keep what is there -----------------------------------------------------------
 
 
-def _peak(w: np.ndarray, bins: np.ndarray) -> float:
-    """Max rank load of `bins` (`[R, S]`), replicas sharing their expert's load evenly."""
-    count = np.bincount(bins.reshape(-1), minlength=len(w))
-    return float((w / np.maximum(count, 1))[bins].sum(axis=1).max())
+def _keep(w: np.ndarray, fresh: np.ndarray, bound: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Choose among `old`, repairs of `old` and a relabelled fresh plan (step 4), per layer.
 
-
-def _keep(w: np.ndarray, fresh: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """Choose among `old`, a relabelled `fresh` and repairs of `old` (step 4). `[R, S]`."""
-    limit = _peak(w, fresh) * (1 + STABILITY_TOLERANCE)
-    have = np.bincount(old.reshape(-1), minlength=len(w))
-    complete = bool((have > 0).all())
-    if complete and _peak(w, old) <= limit:
-        return old.copy()
-    best = _relabel(fresh, old, len(w))
-    want = np.bincount(fresh.reshape(-1), minlength=len(w))
-    for count in (have, want) if complete else (want,):
-        repaired = _repair(w, count, old, target=limit)
-        if _peak(w, repaired) <= limit and (repaired != old).sum() < (best != old).sum():
-            best = repaired
-    return best
+    w: `[L, E]`; fresh: `[L, R, S]` steps 1-2's bins, not refined yet; bound: `[L]` the
+    lower bound of their max rank load; old: `[L, R, S]`. Returns `[L, R, S]`. Refining
+    fresh costs as much as the rest, so the limit starts from the bound, and fresh is
+    refined only for the layers no repair brings under that: their limit becomes fresh's
+    max rank load (>= the bound) times 1 + `STABILITY_TOLERANCE`.
+    """
+    num_experts, slots_per_rank = w.shape[1], old.shape[2]
+    limit = bound * (1 + STABILITY_TOLERANCE)
+    have = _counts(old, num_experts)
+    complete = (have > 0).all(axis=1)
+    out = old.copy()
+    todo = np.nonzero(~complete | (_rank_load(w, old, have).max(axis=1) > limit))[0]
+    if not len(todo):
+        return out
+    # Repairs to the old replica counts (if complete) and to fresh's: `[T, R, S]` each,
+    # with their max rank loads and changed slots (inf: not usable).
+    repairs = []
+    for count, usable in ((have, complete[todo]), (_counts(fresh, num_experts), None)):
+        rows = np.arange(len(todo)) if usable is None else np.nonzero(usable)[0]
+        repaired = old[todo].copy()
+        peak = np.full(len(todo), np.inf)
+        moved = np.full(len(todo), np.inf)
+        if len(rows):
+            layer = todo[rows]
+            repaired[rows] = _repair(w[layer], count[layer], old[layer], limit[layer])
+            peak[rows] = _rank_load(w[layer], repaired[rows]).max(axis=1)
+            moved[rows] = (repaired[rows] != old[layer]).sum(axis=(1, 2))
+            if slots_per_rank <= num_experts:  # a second copy on a rank is avoidable
+                moved[rows[(_held(repaired[rows], num_experts) > 1).any(axis=(1, 2))]] = np.inf
+        repairs.append((repaired, peak, moved))
+    # Layers no repair brings under the bound's limit: refine fresh, loosen the limit.
+    short = np.ones(len(todo), dtype=bool)
+    for _, peak, moved in repairs:
+        short &= ~((peak <= limit[todo]) & (moved < np.inf))
+    left = todo[short]
+    fresh_left = fresh[left]
+    if len(left):
+        _refine(w[left], fresh_left, bound[left] * (1 + _GOOD_ENOUGH))
+        limit[left] = _rank_load(w[left], fresh_left).max(axis=1) * (1 + STABILITY_TOLERANCE)
+    # Of the repairs under the limit, the one changing fewer slots; else relabel fresh.
+    best = np.full(len(todo), np.inf)
+    for repaired, peak, moved in repairs:
+        better = (peak <= limit[todo]) & (moved < best)
+        out[todo[better]] = repaired[better]
+        best[better] = moved[better]
+    relabel = best[short] == np.inf
+    if relabel.any():
+        out[left[relabel]] = _relabel(fresh_left[relabel], old[left[relabel]], num_experts)
+    return out
 
 
 def _relabel(fresh: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndarray:
-    """Permute fresh's rank bins onto old ranks for most overlap; keep kept experts' slots."""
-    num_ranks, slots_per_rank = fresh.shape
-    rank_ids = np.repeat(np.arange(num_ranks), slots_per_rank)
-    new_cnt = np.zeros((num_ranks, num_experts), dtype=np.int64)
-    old_cnt = np.zeros((num_ranks, num_experts), dtype=np.int64)
-    np.add.at(new_cnt, (rank_ids, fresh.reshape(-1)), 1)
-    np.add.at(old_cnt, (rank_ids, old.reshape(-1)), 1)
-    # overlap[i, j]: experts that fresh bin i shares with old rank j (multiset).
-    overlap = np.minimum(new_cnt[:, None, :], old_cnt[None, :, :]).sum(axis=2)
-    target_rank = _max_assignment(overlap)  # fresh bin i -> old rank target_rank[i]
+    """Permute each row's fresh rank bins onto old ranks for most overlap, then keep
+    kept experts' slots. fresh, old: `[B, R, S]`."""
+    old_held = _held(old, num_experts) > 0  # [B, R, E]
+    # overlap[x, i, j]: slots of fresh bin i whose expert old rank j holds.
+    rows = np.arange(len(fresh))[:, None, None]
+    overlap = old_held.transpose(0, 2, 1)[rows, fresh].sum(axis=2)  # [B, R, R]
     out = np.empty_like(fresh)
-    out[target_rank] = fresh
+    for x in range(len(fresh)):  # scipy solves one assignment per call
+        bin_of, rank_of = linear_sum_assignment(overlap[x], maximize=True)
+        out[x, rank_of] = fresh[x, bin_of]
     return _keep_slots(out, old)
 
 
 def _keep_slots(new: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """Within each rank, put experts that stay in their old slots; the rest fill the gaps."""
-    out = np.full_like(new, -1)
-    for rank in range(new.shape[0]):
-        pending = list(new[rank])
-        for slot, e in enumerate(old[rank]):
-            if e in pending:
-                pending.remove(e)
-                out[rank, slot] = e
-        gaps = np.nonzero(out[rank] < 0)[0]
-        out[rank, gaps] = pending
+    """Within each rank, put experts that stay in their old slots; the rest fill the gaps
+    in order. new, old: `[B, R, S]` (old may hold `-1`)."""
+    # The k-th copy of an expert in `old` matches the k-th copy of it in `new`.
+    tri = np.tril(np.ones((new.shape[2],) * 2, dtype=bool), -1)  # [S, S] j < i
+    occ_new = ((new[..., :, None] == new[..., None, :]) & tri).sum(axis=3)
+    occ_old = ((old[..., :, None] == old[..., None, :]) & tri).sum(axis=3)
+    match = (old[..., :, None] == new[..., None, :]) & (
+        occ_old[..., :, None] == occ_new[..., None, :]
+    )  # [B, R, S_old, S_new]
+    kept = match.any(axis=3)
+    used = match.any(axis=2)
+    out = np.where(kept, old, -1)
+    # The t-th gap gets the t-th unused new expert (both in slot order).
+    gaps = np.argsort(kept, axis=2, kind="stable")
+    fill = np.take_along_axis(new, np.argsort(used, axis=2, kind="stable"), axis=2)
+    real = np.arange(new.shape[2]) < (~kept).sum(axis=2, keepdims=True)
+    b, r, t = np.nonzero(real)
+    out[b, r, gaps[b, r, t]] = fill[b, r, t]
     return out
 
 
-def _max_assignment(score: np.ndarray) -> np.ndarray:
-    """Hungarian algorithm: `[n, n]` score -> `[n]` column of each row, max total score."""
-    n = score.shape[0]
-    cost = (score.max() - score).astype(np.float64)
-    u = np.zeros(n + 1)
-    v = np.zeros(n + 1)
-    row_of = np.zeros(n + 1, dtype=np.int64)  # row_of[j]: 1-based row matched to column j
-    way = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        row_of[0] = i
-        j0 = 0
-        minv = np.full(n + 1, np.inf)
-        used = np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0 = row_of[j0]
-            reduced = cost[i0 - 1] - u[i0] - v[1:]
-            free = ~used[1:]
-            better = free & (reduced < minv[1:])
-            minv[1:][better] = reduced[better]
-            way[1:][better] = j0
-            masked = np.where(free, minv[1:], np.inf)
-            j1 = int(np.argmin(masked)) + 1
-            delta = masked[j1 - 1]
-            u[row_of[used]] += delta
-            v[used] -= delta
-            minv[1:][free] -= delta
-            j0 = j1
-            if row_of[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            row_of[j0] = row_of[j1]
-            j0 = j1
-    col_of = np.empty(n, dtype=np.int64)
-    col_of[row_of[1:] - 1] = np.arange(n)
-    return col_of
-
-
-def _repair(w: np.ndarray, want: np.ndarray, old: np.ndarray, target: float) -> np.ndarray:
-    """Edit `old` to replica counts `want` (`[E]`) with few slot changes, then refine."""
-    num_experts = len(w)
-    have = np.bincount(old.reshape(-1), minlength=num_experts)
-    share = w / want
+def _repair(w: np.ndarray, want: np.ndarray, old: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Edit `old` (`[B, R, S]`) to replica counts `want` (`[B, E]`) with few slot changes,
+    then refine to `target` (`[B]`)."""
+    num_rows, num_ranks, slots_per_rank = old.shape
+    num_experts = w.shape[1]
+    share = w / np.maximum(want, 1)
     bins = old.copy()
-    rank_load = share[bins].sum(axis=1)
-    for e in np.nonzero(have > want)[0]:
-        ranks, slots = np.nonzero(bins == e)
-        # Drop copies on ranks holding e twice first, then on the most-loaded ranks.
-        dup = np.array([(bins[r] == e).sum() > 1 for r in ranks])
-        order = np.lexsort((-rank_load[ranks], ~dup))[: have[e] - want[e]]
-        bins[ranks[order], slots[order]] = -1
-        np.subtract.at(rank_load, ranks[order], share[e])
-    missing = np.repeat(np.arange(num_experts), np.maximum(want - have, 0))
-    _pack(share, missing, bins)
-    _spread_duplicates(share, bins)
-    return _refine(w, bins, target=target)
-
-
-def _spread_duplicates(share: np.ndarray, bins: np.ndarray) -> None:
-    """Swap each second copy of an expert on a rank with a slot of a rank lacking it.
-
-    share: `[E]` tokens per replica; bins: `[R, S]`, changed in place. Of the possible
-    swaps, takes the one whose larger rank load is smallest; keeps a copy where none is.
-    """
-    for rank in range(bins.shape[0]):
-        for slot in range(bins.shape[1]):
-            e = bins[rank, slot]
-            if (bins[rank] == e).sum() < 2:
-                continue
-            ok = ~(bins == e).any(axis=1)[:, None] & ~np.isin(bins, bins[rank])
-            if not ok.any():
-                continue
-            rank_load = share[bins].sum(axis=1)
-            moved = share[e] - share[bins]  # load moving from `rank` to the other rank
-            worst = np.maximum(rank_load[rank] - moved, rank_load[:, None] + moved)
-            other, other_slot = np.unravel_index(np.argmin(np.where(ok, worst, np.inf)), ok.shape)
-            bins[rank, slot], bins[other, other_slot] = bins[other, other_slot], e
+    flat = bins.reshape(num_rows, -1)
+    rows = np.broadcast_to(np.arange(num_rows)[:, None], flat.shape)
+    rank = np.broadcast_to(np.arange(flat.shape[1])[None, :] // slots_per_rank, flat.shape)
+    rank_load = _rank_load(w, old, want)  # [B, R] under the new counts
+    surplus = np.take_along_axis(_counts(old, num_experts) - want, flat, 1)  # [B, N]
+    dup = _held(old, num_experts)[rows, rank, flat] > 1
+    # Per (row, expert), drop copies on ranks holding it twice first, then on the
+    # most-loaded ranks, until `want` copies are left.
+    order = np.lexsort(
+        (
+            np.arange(flat.size),
+            -rank_load[rows, rank].reshape(-1),
+            ~dup.reshape(-1),
+            flat.reshape(-1),
+            rows.reshape(-1),
+        )
+    )
+    nth = _nth_in_group((rows * num_experts + flat).reshape(-1)[order])
+    drop = np.zeros(flat.size, dtype=bool)
+    drop[order] = nth < surplus.reshape(-1)[order]
+    flat.reshape(-1)[drop] = -1
+    missing = np.maximum(want - _counts(bins, num_experts), 0)  # [B, E]
+    width = int(missing.sum(axis=1).max())
+    if width:
+        items = np.full((num_rows, width), -1, dtype=np.int64)
+        per_row = missing.sum(axis=1)
+        ids = np.repeat(np.tile(np.arange(num_experts), num_rows), missing.reshape(-1))
+        col = np.arange(len(ids)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        items[np.repeat(np.arange(num_rows), per_row), col] = ids
+        _pack(share, items, bins)
+    return _refine(w, bins, target)
