@@ -25,25 +25,32 @@ fp32. The fp32 copy of the weights is made once and kept in the caller's ``Weigh
 converting them on every call cost up to 100x the GEMMs at decode sizes. In memory: one fp32
 copy per weight tensor, i.e. twice the bf16 expert memory, until the owner clears it.
 
-Small batches (at most ``VLLM_KERNEL_MAX_ROWS_PER_EXPERT`` pairs per local expert) go to
-vLLM's own fused CPU MoE kernel instead, when vLLM's CPU ops are loaded: it reads the bf16
-weights directly (half the bytes of the fp32 copy) in one op. On AVX2 it was 1.1-23x
-faster than the path above at decode sizes (mostly 2x and up), where this path's op overhead
-and fp32 weight reads dominate. It needs its own prepacked copy of the weights
-(``_prepacked``, same bytes as the weights, kept in the same cache) and has no id for "not
-on this rank" (see ``_vllm_fused``). It takes biases and computes four activations exactly
-as `Activation` defines them (``_VLLM_ACTIVATIONS``); any other runs the path above.
+vLLM's own fused CPU MoE kernel runs instead, at every batch size, whenever vLLM's CPU ops
+are loaded and it takes the shapes and the activation (as stock vLLM's CPU experts do): it
+reads the bf16 weights directly (half the bytes of the fp32 copy) in one op. A row's result
+from it does not depend on the other rows of the call, which the path above cannot promise
+(oneDNN multiplies fewer than 12 rows with other kernels, so the low bits of a token's
+output moved with the batch it came in), and its bits differ from the path above's. Choosing
+between the two by batch size therefore made a token's output depend on what else was
+scheduled with it, i.e. on request arrival: reruns of the same requests differed
+(docs/token-exchange.md#determinism). On AVX2 it is 1.1-23x faster than the path above at
+decode sizes; at 64 and more pairs per expert with H >= 1024 it is 1.2-1.7x slower
+(docs/benchmarks.md), the price of deterministic prefill. It needs its own prepacked copy of
+the weights (``_prepacked``, same bytes as the weights, kept in the same cache) and has no
+id for "not on this rank" (see ``_vllm_fused``). It takes biases and computes four
+activations exactly as `Activation` defines them (``_VLLM_ACTIVATIONS``); any other runs the
+path above.
 
 FP8 block-scaled experts (``moe_experts_torch_fp8``, scales in ``fp8.Fp8Experts``):
 
 * W8A16 (``activations="native"``): the weights are dequantized once, to the compute dtype
   above (fp32 for fp32 activations and for half activations on a CPU without native half
   GEMMs, else the activation dtype), into the caller's ``WeightCache``; then exactly the
-  unquantized path runs on that copy, vLLM's fused kernel for small batches included. The
-  result equals ``moe_experts_torch`` on the dequantized weights bit for bit. In memory: the
-  FP8 weights and scales stay as they are, plus the dequantized copy (4 bytes per weight
-  element in fp32, 2 in bf16/fp16: DeepSeek-V3's 32 slots at EP 8, 1.4 G elements, take
-  5.6 GB in fp32) and, once vLLM's kernel has run, its prepacked copy of that (same bytes).
+  unquantized path runs on that copy, vLLM's fused kernel included. The result equals
+  ``moe_experts_torch`` on the dequantized weights bit for bit. In memory: the FP8 weights
+  and scales stay as they are, plus the dequantized copy (4 bytes per weight element in
+  fp32, 2 in bf16/fp16: DeepSeek-V3's 32 slots at EP 8, 1.4 G elements, take 5.6 GB in fp32)
+  and, once vLLM's kernel has run, its prepacked copy of that (same bytes).
 * W8A8 (``activations="fp8"``): the reference-grade math in fp32, slow by design: the
   input and the activation's output quantized per token and ``bk`` columns
   (``quantize_activations_fp8``) and dequantized, times the fp32 dequantized weights (the
@@ -63,10 +70,6 @@ from vllm_wideep.kernels.fp8 import Fp8Experts, dequantize_block_fp8, quantize_a
 # rows * H * I up to which the two-call grouped GEMM beats the per-expert loop on CPU
 # (measured on AVX2: grouped wins at 1024 rows x 128 x 64, loses at 512 x 1024 x 512).
 GROUPED_MM_MAX_WORK = 1 << 25
-# (token, expert) pairs per local expert, M * k / E, up to which vLLM's fused kernel runs.
-# Measured on AVX2, one thread, bf16/fp16/fp32, H 128-2048, E 8-64, as torch-path time over
-# vLLM-kernel time: 1.1-23 up to 16 pairs per expert, 0.9-2.0 at 32, 0.7-0.9 at 64 (H >= 1024).
-VLLM_KERNEL_MAX_ROWS_PER_EXPERT = 32
 # The activations vLLM's fused CPU kernel computes, by its name for them (vLLM's CPU experts
 # pass `MoEActivation.value`); each checked against `Activation` in tests/kernels.
 _VLLM_ACTIVATIONS = {
@@ -145,8 +148,8 @@ def _vllm_isa(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-    activation: Activation = SILU,
+    biases: tuple[torch.Tensor | None, torch.Tensor | None],
+    activation: Activation,
 ) -> str | None:
     """The ISA string for vLLM's fused CPU MoE kernel on these tensors, None where it can't run.
 
@@ -227,16 +230,13 @@ def moe_experts_torch(
 
     cache: where to keep the transformed weights (and biases) between calls (see
     `WeightCache`); None transforms them on every call."""
-    M = hidden_states.shape[0]
-    E = w13.shape[0]
-    k = topk_ids.shape[1]
     biases = (w13_bias, w2_bias)
-    if M * k <= VLLM_KERNEL_MAX_ROWS_PER_EXPERT * E:
-        isa = _vllm_isa(hidden_states, w13, w2, biases, activation)
-        if isa is not None:
-            return _vllm_fused(
-                hidden_states, w13, w2, topk_weights, topk_ids, isa, cache, biases, activation
-            )
+    # Never chosen by batch size: see the module docstring (determinism).
+    isa = _vllm_isa(hidden_states, w13, w2, biases, activation)
+    if isa is not None:
+        return _vllm_fused(
+            hidden_states, w13, w2, topk_weights, topk_ids, isa, cache, biases, activation
+        )
     compute_dtype = _compute_dtype(hidden_states)
     return _sorted_experts(
         hidden_states, w13, w2, topk_weights, topk_ids, compute_dtype, cache, biases, activation
