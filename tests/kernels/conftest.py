@@ -34,8 +34,8 @@ def force_torch_path(monkeypatch, request):
     (vLLM's fused CPU kernel; skips where it is missing or can't take these shapes)."""
 
     def force(gemm, x, w13, w2, biases=(None, None), activation=SILU):
-        vllm_rows = 1 << 30 if gemm == "vllm_kernel" else -1
-        monkeypatch.setattr(torch_experts, "VLLM_KERNEL_MAX_ROWS_PER_EXPERT", vllm_rows)
+        if gemm != "vllm_kernel":
+            monkeypatch.setattr(torch_experts, "_vllm_isa", lambda *args: None)
         threshold = torch_experts.GROUPED_MM_MAX_WORK if gemm == "grouped_mm" else -1
         monkeypatch.setattr(torch_experts, "GROUPED_MM_MAX_WORK", threshold)
         if gemm == "vllm_kernel":
