@@ -148,8 +148,8 @@ def _vllm_isa(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    biases: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-    activation: Activation = SILU,
+    biases: tuple[torch.Tensor | None, torch.Tensor | None],
+    activation: Activation,
 ) -> str | None:
     """The ISA string for vLLM's fused CPU MoE kernel on these tensors, None where it can't run.
 
