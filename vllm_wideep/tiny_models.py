@@ -27,6 +27,15 @@ mixtral         MixtralForCausalLM      2       8, top-2
 dense           Qwen3ForCausalLM        2       none (for "this model has no experts" checks)
 ==============  ======================  ======  ==================================================
 
+Coverage models (``COVERAGE_ARCHES``, ``build_coverage_model(out_dir, name)``, default
+float32): one tiny checkpoint per MoE architecture of vLLM that transformers has a class
+for, for the coverage table of ``docs/coverage.md`` (``benchmarks/coverage.py``). Each is
+data, not code: vLLM's architecture name, transformers' config and model classes, and the
+keys in which it differs from ``COVERAGE_SIZES`` (the sizes every config class takes under
+its own names: 2 layers, hidden 128, 8 experts of 64, top-2, MLA 512 + 64), plus the keys
+only vLLM reads (remote-code configs: ``score_func``, ``first_k_dense_replace``, ...).
+Weights are drawn by shape (``_reinit_coverage_weights``) and saved by transformers.
+
 Every model has hidden size 128 and a vocabulary of ``VOCAB_SIZE`` = 1024 tokens.
 The constraints come from vLLM's CPU kernels:
 
@@ -131,7 +140,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -749,6 +758,384 @@ def publish_folder(
 
 
 # --------------------------------------------------------------------------- #
+# Coverage models: one tiny checkpoint per MoE architecture of vLLM
+# --------------------------------------------------------------------------- #
+
+# Sizes every coverage model takes, where its transformers config class has the key
+# (checked against the class's defaults): the same tiny model under each config's names.
+COVERAGE_SIZES: dict[str, Any] = {
+    **_COMMON,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 128,  # dense MLPs
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+    "shared_intermediate_size": 64,
+    "moe_shared_expert_intermediate_size": 64,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "n_routed_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "moe_k": 2,
+    "top_k_experts": 2,
+    "num_shared_experts": 1,
+    "n_shared_experts": 1,
+    "moe_num_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 0,
+    "num_dense_layers": 0,
+    "num_nextn_predict_layers": 0,
+    "max_window_layers": 2,
+    # MLA: vLLM's CPU MLA takes kv_lora_rank + qk_rope_head_dim = 576 only
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "q_lora_rank": 96,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 64,
+}
+
+
+@dataclass(frozen=True)
+class CoverageArch:
+    """One MoE architecture of vLLM as a tiny checkpoint: ``architecture`` (vLLM's
+    registry name, written to ``config.json``) from transformers' ``config_class`` with
+    ``COVERAGE_SIZES`` and ``overrides`` (which win), weights drawn for transformers'
+    ``model_class``. ``extra_config``: keys only vLLM reads, set after the config is built."""
+
+    architecture: str
+    config_class: str
+    model_class: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+_MLA_NO_GROUPS = {"n_group": 1, "topk_group": 1}
+# Configs that list each layer's MLP kind (transformers 5) for models that vLLM reads
+# first_k_dense_replace from: every layer MoE in both.
+_ALL_SPARSE = {"mlp_layer_types": ["sparse", "sparse"]}
+COVERAGE_ARCHES: dict[str, CoverageArch] = {
+    "afmoe": CoverageArch(
+        "AfmoeForCausalLM",
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        extra_config={"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
+    ),
+    "axk1": CoverageArch("AXK1ForCausalLM", "AXK1Config", "AXK1ForCausalLM", _MLA_NO_GROUPS),
+    "cohere2_moe": CoverageArch(
+        "Cohere2MoeForCausalLM", "Cohere2MoeConfig", "Cohere2MoeForCausalLM"
+    ),
+    "dbrx": CoverageArch(
+        "DbrxForCausalLM",
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        {
+            "d_model": HIDDEN_SIZE,
+            "n_heads": 4,
+            "n_layers": 2,
+            "max_seq_len": MAX_POSITION_EMBEDDINGS,
+            "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
+            "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 8, "moe_top_k": 2},
+        },
+    ),
+    "deepseek_v2": CoverageArch(
+        "DeepseekV2ForCausalLM",
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        {"topk_method": "greedy", "n_group": None, "topk_group": None},
+    ),
+    "ernie45_moe": CoverageArch(
+        "Ernie4_5_MoeForCausalLM",
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        {"moe_layer_start_index": 0, "moe_layer_end_index": 1},
+    ),
+    "exaone_moe": CoverageArch(
+        "ExaoneMoeForCausalLM",
+        "ExaoneMoeConfig",
+        "ExaoneMoeForCausalLM",
+        extra_config={"swiglu_limits": [7.0, 7.0]},
+    ),
+    "gemma4": CoverageArch(
+        "Gemma4ForCausalLM",
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        {"enable_moe_block": True, "moe_intermediate_size": 64, "hidden_size_per_layer_input": 0},
+    ),
+    "glm4_moe": CoverageArch(
+        "Glm4MoeForCausalLM", "Glm4MoeConfig", "Glm4MoeForCausalLM", extra_config={"head_dim": 32}
+    ),
+    "glm4_moe_lite": CoverageArch(
+        "Glm4MoeLiteForCausalLM",
+        "Glm4MoeLiteConfig",
+        "Glm4MoeLiteForCausalLM",
+        _ALL_SPARSE,
+        {"first_k_dense_replace": 0},
+    ),
+    "glm_moe_dsa": CoverageArch(
+        "GlmMoeDsaForCausalLM",
+        "GlmMoeDsaConfig",
+        "GlmMoeDsaForCausalLM",
+        {"index_n_heads": 2, "index_head_dim": 64, "index_topk": 64},
+    ),
+    "gpt_oss": CoverageArch(
+        "GptOssForCausalLM", "GptOssConfig", "GptOssForCausalLM", {"intermediate_size": 64}
+    ),
+    "granitemoe": CoverageArch(
+        "GraniteMoeForCausalLM",
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        {"intermediate_size": 64},
+    ),
+    "granitemoeshared": CoverageArch(
+        "GraniteMoeSharedForCausalLM",
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        {"intermediate_size": 64},
+    ),
+    "granitemoehybrid": CoverageArch(
+        "GraniteMoeHybridForCausalLM",
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        {
+            "intermediate_size": 64,
+            "layer_types": ["mamba", "attention"],
+            "mamba_n_heads": 8,
+            "mamba_d_head": 32,
+            "mamba_d_state": 16,
+        },
+    ),
+    "hy_v3": CoverageArch(
+        "HYV3ForCausalLM",
+        "HYV3Config",
+        "HYV3ForCausalLM",
+        _ALL_SPARSE,
+        {"first_k_dense_replace": 0, "expert_hidden_dim": 64, "route_norm": True},
+    ),
+    "jamba": CoverageArch(
+        "JambaForCausalLM",
+        "JambaConfig",
+        "JambaForCausalLM",
+        {
+            "intermediate_size": 64,
+            "attn_layer_period": 2,
+            "attn_layer_offset": 1,
+            "expert_layer_period": 1,
+            "expert_layer_offset": 0,
+            "mamba_d_state": 16,
+            "mamba_dt_rank": 8,
+            "use_mamba_kernels": False,
+        },
+    ),
+    "laguna": CoverageArch("LagunaForCausalLM", "LagunaConfig", "LagunaForCausalLM"),
+    "lfm2_moe": CoverageArch(
+        "Lfm2MoeForCausalLM",
+        "Lfm2MoeConfig",
+        "Lfm2MoeForCausalLM",
+        {"layer_types": ["conv", "full_attention"]},
+    ),
+    "llama4": CoverageArch(
+        "Llama4ForCausalLM",
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        {"intermediate_size": 64, "intermediate_size_mlp": 128, "num_experts_per_tok": 1},
+    ),
+    "longcat_flash": CoverageArch(
+        "LongcatFlashForCausalLM",
+        "LongcatFlashConfig",
+        "LongcatFlashForCausalLM",
+        {
+            "num_layers": 2,
+            "ffn_hidden_size": 128,
+            "expert_ffn_hidden_size": 64,
+            "zero_expert_num": 2,
+            "num_key_value_heads": 4,
+        },
+        {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"},
+    ),
+    "mimo_v2_flash": CoverageArch(
+        "MiMoV2FlashForCausalLM",
+        "MiMoV2FlashConfig",
+        "MiMoV2FlashForCausalLM",
+        {
+            **_ALL_SPARSE,
+            "v_head_dim": 32,
+            "layer_types": ["full_attention", "sliding_attention"],
+            "sliding_window": 128,
+        },
+        {
+            "hybrid_layer_pattern": [0, 1],
+            "moe_layer_freq": [1, 1],
+            "swa_num_attention_heads": 4,
+            "swa_num_key_value_heads": 2,
+            "swa_head_dim": 32,
+            "swa_v_head_dim": 32,
+            "sliding_window_size": 128,
+            "layernorm_epsilon": 1e-6,
+        },
+    ),
+    "minimax_m2": CoverageArch(
+        "MiniMaxM2ForCausalLM",
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        {"intermediate_size": 64},
+        {"rotary_dim": 32, "scoring_func": "sigmoid"},
+    ),
+    "nemotron_h": CoverageArch(
+        "NemotronHForCausalLM",
+        "NemotronHConfig",
+        "NemotronHForCausalLM",
+        {
+            "layers_block_type": ["mamba", "moe", "attention", "moe"],
+            "mamba_num_heads": 8,
+            "mamba_head_dim": 32,
+            "n_groups": 1,
+            "ssm_state_size": 16,
+        },
+    ),
+    "olmoe": CoverageArch(
+        "OlmoeForCausalLM", "OlmoeConfig", "OlmoeForCausalLM", {"intermediate_size": 64}
+    ),
+    "phimoe": CoverageArch(
+        "PhiMoEForCausalLM", "PhimoeConfig", "PhimoeForCausalLM", {"intermediate_size": 64}
+    ),
+    "qwen2_moe": CoverageArch("Qwen2MoeForCausalLM", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_next": CoverageArch(
+        "Qwen3NextForCausalLM",
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        {
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+        },
+    ),
+    "qwen3_5_moe": CoverageArch(
+        "Qwen3_5MoeForCausalLM",
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        {
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+        },
+    ),
+}
+
+
+def coverage_config(name: str) -> PretrainedConfig:
+    """The ``config.json`` contents of coverage model ``name`` (``COVERAGE_ARCHES``)."""
+    import transformers
+
+    arch = _coverage_arch(name)
+    config_class = getattr(transformers, arch.config_class)
+    defaults = config_class().to_dict()
+    kwargs = {k: v for k, v in COVERAGE_SIZES.items() if k in defaults}
+    config = config_class(**{**kwargs, **arch.overrides})
+    for key, value in arch.extra_config.items():
+        setattr(config, key, value)
+    config.architectures = [arch.architecture]
+    return config
+
+
+def _coverage_arch(name: str) -> CoverageArch:
+    if name not in COVERAGE_ARCHES:
+        raise ValueError(
+            f"unknown coverage arch {name!r}; expected one of {sorted(COVERAGE_ARCHES)}"
+        )
+    return COVERAGE_ARCHES[name]
+
+
+def _reinit_coverage_weights(
+    model: PreTrainedModel, num_experts: int, generator: torch.Generator
+) -> None:
+    """Redraw every parameter and bias buffer in name order: norms ``1 + N(0, 0.1^2)``,
+    other 1-D tensors (biases, attention sinks, SSM parameters) ``N(0, 0.1^2)``, routers
+    (``[E, H]`` tensors named gate or router) ``N(0, 4 / H)``, everything else
+    ``N(0, 1 / last dim)``: the rules of the tiny models, by shape instead of by name."""
+    import torch
+
+    tensors = dict(model.named_parameters())
+    tensors.update(
+        (name, buf)
+        for name, buf in model.named_buffers()
+        if name.endswith("bias") and buf.is_floating_point()
+    )
+    with torch.no_grad():
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            shape = tuple(tensor.shape)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            leaf = name.rsplit(".", 2)[-2] if "." in name else name
+            if _is_norm(name, shape):
+                value = 1.0 + _NORM_NOISE_STD * noise
+            elif len(shape) <= 1:
+                value = _NORM_NOISE_STD * noise
+            elif (
+                len(shape) == 2 and shape[0] == num_experts and ("gate" in leaf or "router" in leaf)
+            ):
+                value = _ROUTER_STD_GAIN / shape[-1] ** 0.5 * noise
+            else:
+                value = noise / shape[-1] ** 0.5
+            tensor.copy_(value)
+
+
+def _write_coverage_model(tmp: Path, name: str, dtype: str, seed: int) -> None:
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    arch = _coverage_arch(name)
+    config = coverage_config(name)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = getattr(transformers, arch.model_class)(config)
+    _reinit_coverage_weights(model, _num_experts(config), generator)
+    model.to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(
+        bos_token_id=EOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
+    )
+    model.save_pretrained(tmp)
+    # save_pretrained names transformers' class; vLLM's registry name may differ in case.
+    config.architectures = [arch.architecture]
+    config.save_pretrained(tmp)
+    build_tokenizer(VOCAB_SIZE).save_pretrained(tmp)
+
+
+def _num_experts(config: PretrainedConfig) -> int:
+    """Routed experts of a coverage model's config, whatever its key."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        if getattr(config, key, None):
+            return getattr(config, key)
+    ffn_config = getattr(config, "ffn_config", None)
+    if ffn_config is not None:
+        return ffn_config.moe_num_experts
+    raise ValueError(f"{type(config).__name__} names its experts by no known key")
+
+
+def build_coverage_model(
+    out_dir: str | os.PathLike[str], name: str, dtype: str = "float32", seed: int = 0
+) -> Path:
+    """Write the tiny checkpoint of coverage architecture ``name`` (``COVERAGE_ARCHES``)
+    into ``out_dir`` and return its path; stamped, idempotent and atomic like
+    ``build_tiny_model``."""
+    _coverage_arch(name)
+    if dtype not in TINY_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {TINY_DTYPES}")
+    out = Path(out_dir).absolute()
+    stamp = {**_stamp(name, dtype, seed), "coverage": True}
+    if _is_current(out, stamp):
+        return out
+    return publish_folder(out, stamp, lambda tmp: _write_coverage_model(tmp, name, dtype, seed))
+
+
+# --------------------------------------------------------------------------- #
 # FP8
 # --------------------------------------------------------------------------- #
 
@@ -976,7 +1363,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Write a tiny deterministic checkpoint (weights, tokenizer, configs) for vLLM.",
     )
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--arch", required=True, choices=TINY_ARCHES)
+    parser.add_argument(
+        "--arch",
+        required=True,
+        choices=(*TINY_ARCHES, *COVERAGE_ARCHES),
+        help="a tiny model, or one of the coverage models of docs/coverage.md",
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=TINY_DTYPES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -993,7 +1385,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quant is None:
         if args.quant_scope is not None:
             parser.error("--quant-scope needs --quant")
-        print(build_tiny_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed))
+        build = build_coverage_model if args.arch in COVERAGE_ARCHES else build_tiny_model
+        print(build(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed))
         return 0
     out = build_fp8_model(
         args.out_dir,

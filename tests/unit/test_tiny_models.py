@@ -15,11 +15,13 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from vllm_wideep.tiny_models import (  # noqa: E402
+    COVERAGE_ARCHES,
     EOS_TOKEN_ID,
     PAD_TOKEN_ID,
     STAMP_FILE,
     TINY_ARCHES,
     VOCAB_SIZE,
+    build_coverage_model,
     build_tiny_model,
     main,
 )
@@ -295,3 +297,37 @@ def test_routing_spreads_and_greedy_is_not_degenerate(
     assert used and all(min_used <= n <= num_experts for n in used), used
     out = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :]
     assert len(set(out.tolist())) >= 8, out.tolist()
+
+
+# --------------------------------------------------------------------------- coverage models
+
+
+@pytest.fixture(scope="module")
+def coverage_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("coverage")
+    return {name: build_coverage_model(root / name, name) for name in COVERAGE_ARCHES}
+
+
+def test_coverage_models_are_tiny_float32_moe_checkpoints(coverage_models: dict[str, Path]) -> None:
+    for name, folder in coverage_models.items():
+        cfg = _config(folder)
+        assert cfg["architectures"] == [COVERAGE_ARCHES[name].architecture], name
+        assert cfg["vocab_size"] == VOCAB_SIZE, name
+        for key, value in COVERAGE_ARCHES[name].extra_config.items():
+            assert cfg[key] == value, (name, key)  # the keys only vLLM reads survive saving
+        tensors = _tensors(folder)
+        assert {t.dtype for t in tensors.values()} == {torch.float32}, name
+        assert sum(t.numel() for t in tensors.values()) < 4_000_000, name
+
+
+def test_coverage_model_bytes_are_reproducible(
+    coverage_models: dict[str, Path], tmp_path: Path
+) -> None:
+    again = build_coverage_model(tmp_path / "gpt_oss", "gpt_oss")
+    assert _digests(again) == _digests(coverage_models["gpt_oss"])
+
+
+def test_cli_writes_a_coverage_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "llama4"), "--arch", "llama4"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "llama4")
+    assert _config(tmp_path / "llama4")["architectures"] == ["Llama4ForCausalLM"]
