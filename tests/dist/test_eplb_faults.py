@@ -49,6 +49,17 @@ def _skewed_step(balancer: Balancer, layer: ExpertSlots, hot: int) -> None:
     balancer.step()
 
 
+def _plan_and_take(balancer: Balancer, layer: ExpertSlots, hot: int) -> None:
+    """Step until a plan starts (the interval), then until every rank took it: the step
+    that takes a plan begins its moves and, without overlap, finishes them. The ranks
+    vote on the plan each step, so all take it at the same step however long it took."""
+    _skewed_step(balancer, layer, hot)
+    while balancer.planning is None:
+        _skewed_step(balancer, layer, hot)
+    while balancer.planning is not None:
+        _skewed_step(balancer, layer, hot)
+
+
 def _whole(layer: ExpertSlots, rank: int) -> None:
     """Weights and placement agree: every slot holds the expert the placement says."""
     S = layer.slots_per_rank
@@ -66,15 +77,13 @@ def _one_rank_cannot_prepare(rank, world_size):
             raise torch.OutOfMemoryError("staging buffers: out of memory")
 
         mover._prepare = out_of_memory
-    for _ in range(2):  # step 2 plans and begins: the last rank cannot prepare
-        _skewed_step(balancer, layer, hot=3)
+    _plan_and_take(balancer, layer, hot=3)  # the move begins: the last rank cannot prepare
     counter = balancer.counters[0]
     assert counter.failures == 1 and counter.rebalances == 0, counter
     assert torch.equal(layer.physical_to_logical, home)
     _whole(layer, rank)
     mover._prepare = prepare  # memory is back: the next plan moves
-    for _ in range(2):
-        _skewed_step(balancer, layer, hot=3)
+    _plan_and_take(balancer, layer, hot=3)
     assert counter.rebalances == 1 and not torch.equal(layer.physical_to_logical, home)
     _whole(layer, rank)
     return counter.failures
@@ -90,12 +99,10 @@ def _rank0_cannot_plan(rank, world_size):
             raise ValueError("the policy failed")
 
         balancer_module.plan_placement = broken
-    for _ in range(2):
-        _skewed_step(balancer, layer, hot=5)
+    _plan_and_take(balancer, layer, hot=5)
     assert torch.equal(layer.physical_to_logical, home) and not balancer.moving
     balancer_module.plan_placement = plan_placement
-    for _ in range(2):
-        _skewed_step(balancer, layer, hot=5)
+    _plan_and_take(balancer, layer, hot=5)
     _whole(layer, rank)
     return balancer.counters[0].rebalances
 
@@ -111,14 +118,12 @@ def test_a_failed_plan_on_rank_0_is_skipped_by_every_rank():
 
 def _stalled_peer(rank, world_size):
     balancer, layer = _balancer(rank, world_size, timeout_s=TIMEOUT_S)
-    for _ in range(2):  # the balancer's group exists and a first move went through
-        _skewed_step(balancer, layer, hot=2)
+    _plan_and_take(balancer, layer, hot=2)  # the group exists, a first move went through
     if rank == 1:
         time.sleep(3 * TIMEOUT_S)  # stalled (a frozen engine) past the group's timeout
     start = time.monotonic()
     try:
-        for _ in range(2):  # the next plan needs every rank
-            _skewed_step(balancer, layer, hot=6)
+        _plan_and_take(balancer, layer, hot=6)  # the next plan needs every rank
     except RuntimeError as error:
         return str(error), time.monotonic() - start
     return None, time.monotonic() - start

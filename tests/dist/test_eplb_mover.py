@@ -10,13 +10,20 @@ import torch
 import torch.distributed as dist
 
 from tools.ranks import run_ranks
+from vllm_wideep.config import WideEPConfig
+from vllm_wideep.eplb import balancer as balancer_module
 from vllm_wideep.eplb import mover
-from vllm_wideep.eplb.balancer import Balancer
-from vllm_wideep.eplb.mover import apply_moves, begin_moves, finish_moves, plan_moves
+from vllm_wideep.eplb.balancer import Balancer, staging_sets
+from vllm_wideep.eplb.location import ExpertSlots, home_placement
+from vllm_wideep.eplb.mover import (
+    StagingPool,
+    apply_moves,
+    begin_moves,
+    finish_moves,
+    plan_moves,
+)
 from vllm_wideep.eplb.policy import plan_placement
 from vllm_wideep.eplb.traces import zipf_load
-from vllm_wideep.eplb.location import ExpertSlots, home_placement
-from vllm_wideep.config import WideEPConfig
 
 NUM_EXPERTS = 8
 
@@ -91,7 +98,8 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
         eplb_window=4,
         eplb_overlap="on" if overlap else "off",
     )
-    balancer = Balancer(layers, config, dist.group.WORLD)
+    staging = StagingPool.reserve(layers[0].weights, staging_sets(config, torch.device("cpu")))
+    balancer = Balancer(layers, config, dist.group.WORLD, staging=staging)
     gen = torch.Generator().manual_seed(rank)
     hot = torch.tensor([[5, 5, 5, 5], [2, 2, 7, 7]])  # per layer, this step's hot experts
 
@@ -99,16 +107,25 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
         slots = layers[layer]
         _check_weights(slots.weights, slots.physical_to_logical[mine], layer)
 
-    for _ in range(2):  # step 2 plans and begins layer 0
+    def routed_step() -> None:
         for layer, slots in enumerate(layers):
             slots.route(
                 torch.cat([hot[layer], torch.randint(NUM_EXPERTS, (4,), generator=gen)])[:, None]
             )
         balancer.step()
+
+    for _ in range(2):  # step 2 starts planning (in a thread on rank 0)
+        routed_step()
+    assert balancer.planning is not None and not balancer.moving
+    while balancer.planning is not None:  # the step that takes the plan begins layer 0
+        routed_step()
     assert balancer.pending == [1]  # layer 1 waits for the next step
     assert torch.equal(layers[1].physical_to_logical, home)
     if overlap:  # layer 0 in flight: the next forward pass still sees its old placement
         assert [index for index, _ in balancer.in_flight] == [0]
+        staged = balancer.in_flight[0][1].staged[0]  # in the reserved pool, not allocated
+        pool = staging.buffers[0]
+        assert pool.data_ptr() <= staged.data_ptr() < pool.data_ptr() + pool.nbytes
         assert torch.equal(layers[0].physical_to_logical, home)
         balancer.step()  # commits layer 0, begins layer 1
         assert [index for index, _ in balancer.in_flight] == [1]
@@ -144,6 +161,48 @@ def _transfers_progress_between_begin_and_finish(rank, world_size):
     _check_weights(weights, old[mine], layer=1)  # nothing committed yet
     assert finish_moves(moves)
     _check_weights(weights, new[mine], layer=1)
+
+
+def _slow_plan_does_not_stall_the_steps(rank, world_size):
+    """Rank 0's policy takes 2 s: the steps meanwhile take no longer than a vote, and
+    every rank takes the plan at the same step."""
+    slots_per_rank = NUM_EXPERTS // world_size + 1
+    mine = slice(rank * slots_per_rank, (rank + 1) * slots_per_rank)
+    home = home_placement(NUM_EXPERTS, world_size, slots_per_rank)
+    layer = ExpertSlots.create(
+        "layers.0", _tagged(home[mine], 0, torch.float32), NUM_EXPERTS, world_size, rank, True
+    )
+    config = WideEPConfig(
+        enabled=True, eplb="online", eplb_interval=2, eplb_layers_per_step=1, eplb_window=4
+    )
+    balancer = Balancer([layer], config, dist.group.WORLD)
+    policy = balancer_module.plan_placement
+
+    def slow(*args):
+        time.sleep(2)
+        return policy(*args)
+
+    balancer_module.plan_placement = slow
+    try:
+        longest, steps = 0.0, 0
+        while balancer.planning is not None or steps < 2:
+            layer.route(torch.tensor([[3]] * 8 + [[e] for e in range(NUM_EXPERTS)]))
+            start = time.monotonic()
+            balancer.step()
+            longest = max(longest, time.monotonic() - start)
+            steps += 1
+            time.sleep(0.05)  # the forward pass
+    finally:
+        balancer_module.plan_placement = policy
+    assert balancer.counters[0].rebalances == 1
+    _check_weights(layer.weights, layer.physical_to_logical[mine], 0)
+    return steps, longest
+
+
+def test_planning_runs_beside_the_steps():
+    (steps_0, longest_0), (steps_1, longest_1) = run_ranks(_slow_plan_does_not_stall_the_steps, 2)
+    assert steps_0 == steps_1 > 10, "every rank took the plan at the same step, seconds later"
+    assert max(longest_0, longest_1) < 1.0, "a step waited for the policy"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -68,3 +68,23 @@ def test_balancer_is_built_over_the_registered_layers(monkeypatch):
     assert worker.balancer_or_none(lambda: None) is balancer
     state.register_layer(engine, WideEPConfig(enabled=True), _slots("b"), TrafficCounters())
     assert worker.balancer_or_none(lambda: None).layer_names == ["a", "b"]
+
+
+def test_online_rebalancing_reserves_staging_once(monkeypatch):
+    """With online rebalancing the first layer reserves the moves' staging rows (layers
+    per step in flight, S slots of each slot tensor), which the balancer then uses;
+    without it nothing is reserved."""
+    monkeypatch.setattr(state, "_current", None)
+    monkeypatch.setattr(state, "on_first_layer", [])
+    engine = object()
+    online = WideEPConfig(enabled=True, eplb="online", eplb_layers_per_step=3)
+    worker = state.register_layer(engine, online, _slots("a"), TrafficCounters())
+    pool = worker.staging
+    assert pool is not None and pool.buffers[0].shape == (3, 3, 2, 3)  # CPU: no overlap
+    assert pool.nbytes == 3 * 3 * 6 * 4
+    state.register_layer(engine, online, _slots("b"), TrafficCounters())
+    assert worker.staging is pool, "reserved once for every layer"
+    assert worker.balancer_or_none(lambda: None).staging is pool
+    monkeypatch.setattr(state, "_current", None)
+    off = state.register_layer(object(), WideEPConfig(enabled=True), _slots("a"), TrafficCounters())
+    assert off.staging is None

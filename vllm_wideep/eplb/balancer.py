@@ -1,5 +1,5 @@
 """The per-worker load balancer: count load each step, re-plan every `eplb_interval`
-steps, move a few layers' weights per step between forward passes.
+steps without stalling them, move a few layers' weights per step between forward passes.
 
 Lifecycle, once per engine step on every EP rank (vLLM calls `eplb_step` after each
 step, and idle data-parallel ranks run a dummy step at the same time, so all ranks count
@@ -8,18 +8,23 @@ the same steps):
     step k:          fold each layer's step counts into the load window (device only)
                      finish the layers begun at step k-1: verify, commit the weights in
                      place, then switch the layer's routing tables
-    k % interval:    all-reduce the window over the EP group, plan on rank 0
-                     (`plan_placement`, keeping experts where they are when that is free),
-                     broadcast; the layers whose placement changed become pending
+    k % interval:    all-reduce the window over the EP group; EP rank 0 starts planning
+                     in a thread (`plan_placement`, keeping experts where they are when
+                     that is free) and the steps go on
+    while planning:  every rank votes whether rank 0's plan is ready (an all-reduce MIN);
+                     once it is, rank 0 broadcasts it, the layers whose placement changed
+                     become pending, and the same step begins moving
     while pending:   begin moving `eplb_layers_per_step` layers: the transfers run during
-                     the forward pass of step k+1, which still reads the old weights
+                     the forward pass of the next step, which still reads the old weights
 
-So a layer's weights travel while the next forward pass computes (`eplb_overlap`, on
-with GPUs; off, a layer is finished in the step that begins it), and every forward pass
-sees each layer's old placement whole or its new one whole. The balancer's collectives
-run on a process group of their own: with NCCL its own communicator and stream, so the
-transfers do not queue behind the forward pass's token exchange. Every rank issues them
-in the same order at the same step boundaries.
+So a plan costs a step no more than a vote (the policy runs beside the forward passes),
+a layer's weights travel while the next forward pass computes (`eplb_overlap`, on with
+GPUs; off, a layer is finished in the step that begins it), and every forward pass sees
+each layer's old placement whole or its new one whole. The balancer's collectives run on
+a process group of their own: with NCCL its own communicator and stream, so the transfers
+do not queue behind the forward pass's token exchange. Every rank issues them in the same
+order at the same step boundaries. Staging rows for the moves are reserved once, when the
+layers register (`layer/state.py`, `mover.StagingPool`).
 
 Dummy steps move weights like real steps but add no load (their tokens are padding).
 """
@@ -27,6 +32,7 @@ Dummy steps move weights like real steps but add no load (their tokens are paddi
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -40,6 +46,8 @@ from vllm_wideep.eplb.location import ExpertSlots
 from vllm_wideep.eplb.mover import (
     MovesInFlight,
     MovesRefused,
+    StagingPool,
+    agree,
     begin_moves,
     finish_moves,
     plan_moves,
@@ -62,6 +70,59 @@ class LayerCounters:
 
 
 @dataclass
+class StepTimes:
+    """Wall time of the balancer's per-step hook on this rank, in two kinds of steps:
+    plain (counting load only) and busy (starting a plan, voting on it, beginning or
+    finishing moves). busy_max - plain mean is the longest pause a rebalance added."""
+
+    plain_steps: int = 0
+    plain_seconds: float = 0.0
+    plain_max_seconds: float = 0.0
+    busy_steps: int = 0
+    busy_seconds: float = 0.0
+    busy_max_seconds: float = 0.0
+
+    def add(self, busy: bool, seconds: float) -> None:
+        if busy:
+            self.busy_steps += 1
+            self.busy_seconds += seconds
+            self.busy_max_seconds = max(self.busy_max_seconds, seconds)
+        else:
+            self.plain_steps += 1
+            self.plain_seconds += seconds
+            self.plain_max_seconds = max(self.plain_max_seconds, seconds)
+
+
+@dataclass
+class Planning:
+    """A plan being made in the background: on EP rank 0 a thread runs the policy; every
+    rank holds one of these, so all know a plan is on its way.
+
+    started: the step that started it. current: `[L, N]` the placement it plans from.
+    result: `[L, N]` int64 once the thread is done, None if it failed (rank 0 only).
+    """
+
+    started: int
+    current: torch.Tensor
+    thread: threading.Thread | None = None
+    result: torch.Tensor | None = None
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+
+def moves_overlap(config: WideEPConfig, device: torch.device) -> bool:
+    """Whether a layer's moves run across a step boundary (`eplb_overlap`, auto: on GPUs)."""
+    return config.eplb_overlap == "on" or (config.eplb_overlap == "auto" and device.type == "cuda")
+
+
+def staging_sets(config: WideEPConfig, device: torch.device) -> int:
+    """Layers whose moves can hold staging rows at once: `eplb_layers_per_step`, twice
+    that when moves overlap a step (the layers being committed while the next begin)."""
+    return config.eplb_layers_per_step * (2 if moves_overlap(config, device) else 1)
+
+
+@dataclass
 class Balancer:
     layers: list[ExpertSlots]
     config: WideEPConfig
@@ -71,6 +132,9 @@ class Balancer:
     target: torch.Tensor | None = None  # [L, N] int64, the plan being applied
     in_flight: list[tuple[int, MovesInFlight]] = field(default_factory=list)  # begun layers
     counters: list[LayerCounters] = field(default_factory=list)
+    planning: Planning | None = None  # a plan on its way (every rank)
+    staging: StagingPool | None = None  # reserved staging rows; None: allocate per move
+    step_times: StepTimes = field(default_factory=StepTimes)
     own_group: dist.ProcessGroup | None = None  # made at the first online step
     # The longest any of the balancer's collectives may wait for a peer (None: torch's
     # default); a peer that dies or stalls then fails the step instead of hanging it.
@@ -97,8 +161,7 @@ class Balancer:
             first.step_counts.device,
         )
         self.counters = [LayerCounters() for _ in self.layers]
-        overlap = self.config.eplb_overlap
-        self.overlap = overlap == "on" or (overlap == "auto" and first.weights[0].is_cuda)
+        self.overlap = moves_overlap(self.config, first.weights[0].device)
 
     @property
     def layer_names(self) -> list[str]:
@@ -119,11 +182,16 @@ class Balancer:
         self.steps += 1
         if self.config.eplb != "online":
             return
+        start = time.perf_counter()
         if self.own_group is None:
             self.own_group = _own_group(self.group, self.timeout)
+        busy = bool(self.in_flight or self.planning or self.pending)
         self._finish()
-        if not self.pending and self.steps % self.config.eplb_interval == 0:
-            self._plan()
+        if self.planning is not None:
+            self._collect_plan()
+        elif not self.pending and self.steps % self.config.eplb_interval == 0:
+            self._start_plan()
+            busy = True
         if self.pending:
             todo = self.pending[: self.config.eplb_layers_per_step]
             self.pending = self.pending[len(todo) :]
@@ -131,6 +199,7 @@ class Balancer:
                 self._begin(index)
             if not self.overlap:
                 self._finish()
+        self.step_times.add(busy, time.perf_counter() - start)
 
     @property
     def moving(self) -> bool:
@@ -144,28 +213,56 @@ class Balancer:
     def _stack(self, counts: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([F.pad(c, (0, self.num_experts - c.numel())) for c in counts])
 
-    def _plan(self) -> None:
+    def _start_plan(self) -> None:
+        """All-reduce the load window (a collective), then plan on EP rank 0 in a thread,
+        so the steps go on while it plans (`_collect_plan` takes the plan)."""
         try:
-            self._plan_collectively()
+            load = self.window.total()
+            if self.num_ranks > 1:
+                dist.all_reduce(load, group=self.own_group)
         except RuntimeError as error:
             raise self._group_failed("planning a new expert placement", error) from error
-
-    def _plan_collectively(self) -> None:
-        load = self.window.total()
-        if self.num_ranks > 1:
-            dist.all_reduce(load, group=self.own_group)
-        current = self.placement().physical_to_logical
-        target = torch.full_like(current, -1)  # all -1: no plan (rank 0 failed to plan)
+        planning = Planning(self.steps, self.placement().physical_to_logical)
         if self.rank == 0:
-            try:
-                target = plan_placement(load.cpu(), self.num_ranks, self.slots_per_rank, current)
-            except (RuntimeError, ValueError) as error:
-                logger.error("vllm_wideep: step %d: planning failed (%s)", self.steps, error)
-        if self.num_ranks > 1:
-            target = target.to(load.device)
-            dist.broadcast(
-                target, src=dist.get_global_rank(self.own_group, 0), group=self.own_group
-            )
+            # The policy of this step, its inputs on the host: the thread shares nothing.
+            policy, snapshot = plan_placement, load.cpu()
+            shape = (snapshot, self.num_ranks, self.slots_per_rank, planning.current)
+
+            def plan() -> None:
+                try:
+                    planning.result = policy(*shape)
+                except Exception as error:  # any failure: every rank skips this plan
+                    logger.error(
+                        "vllm_wideep: step %d: planning failed (%s)",
+                        planning.started,
+                        error,
+                        exc_info=not isinstance(error, (RuntimeError, ValueError)),
+                    )
+
+            planning.thread = threading.Thread(target=plan, name="wideep-eplb-plan", daemon=True)
+            planning.thread.start()
+        self.planning = planning
+
+    def _collect_plan(self) -> None:
+        """Once EP rank 0's thread is done (every rank votes: an all-reduce MIN), broadcast
+        its plan; the layers whose placement changes become pending. Every rank sees the
+        same vote at the same step, so all take the plan together."""
+        planning = self.planning
+        try:
+            device = self.layers[0].step_counts.device
+            if not agree(planning.done(), self.num_ranks, self.own_group, device):
+                return  # rank 0 is still planning: vote again at the next step
+            target = torch.full_like(planning.current, -1)  # all -1: rank 0 failed to plan
+            if planning.result is not None:
+                target = planning.result
+            if self.num_ranks > 1:
+                target = target.to(device)
+                dist.broadcast(
+                    target, src=dist.get_global_rank(self.own_group, 0), group=self.own_group
+                )
+        except RuntimeError as error:
+            raise self._group_failed("planning a new expert placement", error) from error
+        self.planning = None
         if bool((target < 0).all()):
             logger.error(
                 "vllm_wideep: step %d: no new expert placement (planning failed on EP rank "
@@ -175,11 +272,15 @@ class Balancer:
             return
         self.target = target.cpu()
         self.pending = [
-            i for i in range(len(self.layers)) if not torch.equal(self.target[i], current[i])
+            i
+            for i in range(len(self.layers))
+            if not torch.equal(self.target[i], planning.current[i])
         ]
         logger.info(
-            "vllm_wideep: step %d: new expert placement for %d of %d MoE layers",
+            "vllm_wideep: step %d: new expert placement (planned from step %d) for %d of %d "
+            "MoE layers",
             self.steps,
+            planning.started,
             len(self.pending),
             len(self.layers),
         )
@@ -188,8 +289,13 @@ class Balancer:
         layer, counter = self.layers[index], self.counters[index]
         start = time.perf_counter()
         plan = plan_moves(layer.physical_to_logical, self.target[index], self.slots_per_rank)
+        staging = None
+        if self.staging is not None and self.staging.fits(layer.weights):
+            staging = self.staging.take()
         try:
-            moves = begin_moves(plan, layer.weights, self.rank, self.num_ranks, self.own_group)
+            moves = begin_moves(
+                plan, layer.weights, self.rank, self.num_ranks, self.own_group, staging
+            )
         except MovesRefused as refused:  # every rank refused together: keep the old placement
             self._failed(index, refused)
         except RuntimeError as error:  # the group itself failed (a dead or stalled peer)

@@ -13,6 +13,7 @@ A process serves one engine at a time: layers built under another engine config 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,8 +21,11 @@ from typing import Any
 
 from vllm_wideep.comm.base import TrafficCounters
 from vllm_wideep.config import WideEPConfig
-from vllm_wideep.eplb.balancer import Balancer
+from vllm_wideep.eplb.balancer import Balancer, staging_sets
 from vllm_wideep.eplb.location import ExpertSlots
+from vllm_wideep.eplb.mover import StagingPool
+
+logger = logging.getLogger("vllm_wideep")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class WorkerState:
     traffic: per MoE layer name, its token exchange's byte counters.
     balancer: made at the first step (`balancer_or_none`).
     publisher: the metrics publisher (`plugin.metrics.Publisher`), made by the plugin.
+    staging: with online rebalancing, the moves' staging rows, reserved when the first
+        layer registers (model build: vLLM's memory profile then counts them).
     """
 
     engine_config: Any
@@ -43,6 +49,7 @@ class WorkerState:
     traffic: dict[str, TrafficCounters] = field(default_factory=dict)
     balancer: Balancer | None = None
     publisher: Any = None
+    staging: StagingPool | None = None
 
     def balancer_or_none(
         self, group_factory: Callable[[], Any], timeout: timedelta | None = None
@@ -52,7 +59,11 @@ class WorkerState:
         without layers."""
         if self.balancer is None and self.slots:
             self.balancer = Balancer(
-                list(self.slots.values()), self.config, group_factory(), timeout=timeout
+                list(self.slots.values()),
+                self.config,
+                group_factory(),
+                staging=self.staging,
+                timeout=timeout,
             )
         return self.balancer
 
@@ -73,6 +84,8 @@ def register_layer(
         _current = WorkerState(engine_config, config)
         for callback in on_first_layer:
             callback()
+    if config.eplb == "online" and _current.staging is None:
+        _current.staging = _reserve_staging(config, slots)
     _current.slots[slots.layer_name] = slots
     _current.traffic[slots.layer_name] = traffic
     _current.balancer = None  # rebuilt over the new layer set at the next step
@@ -84,3 +97,21 @@ def worker_state(engine_config: Any) -> WorkerState | None:
     if _current is None or _current.engine_config is not engine_config:
         return None
     return _current
+
+
+def _reserve_staging(config: WideEPConfig, slots: ExpertSlots) -> StagingPool:
+    """Staging rows for `staging_sets` layers in flight, each S slots of every slot tensor
+    of `slots` (the model's MoE layers share one shape; a layer that differs allocates its
+    own at each move)."""
+    device = slots.weights[0].device
+    pool = StagingPool.reserve(slots.weights, staging_sets(config, device))
+    logger.info(
+        "vllm_wideep: EP rank %d reserved %.1f MiB for expert-move staging (%d layers in "
+        "flight x %d slots x %d tensors)",
+        slots.rank,
+        pool.nbytes / 2**20,
+        pool.buffers[0].shape[0],
+        slots.slots_per_rank,
+        len(slots.weights),
+    )
+    return pool

@@ -32,8 +32,10 @@ class WideEPWorkerExtension:
         """This rank's EP rank and, per MoE layer, the (token, expert) rows each of its
         slots computed: `{"ep_rank": r, "tokens_per_expert": {layer_name: [S ints]}}`,
         the bytes its slots hold per layer (`"expert_bytes"`: weights and, for FP8
-        experts, their scales), the balancer's counters per layer (`"eplb"`), and the
-        bytes its token exchange moved: `"traffic": {layer_name: {"calls", "dispatch_sent_bytes",
+        experts, their scales), the balancer's counters per layer (`"eplb"`), its step
+        hook's times (`"eplb_steps"`: `balancer.StepTimes`), the bytes reserved for
+        staging expert moves (`"staging_bytes"`), and the bytes its token exchange
+        moved: `"traffic": {layer_name: {"calls", "dispatch_sent_bytes",
         "dispatch_recv_bytes", "combine_sent_bytes", "combine_recv_bytes",
         "overflow_rows"}}` (`comm.base.TrafficCounters`)."""
         from vllm.distributed import get_ep_group
@@ -42,12 +44,13 @@ class WideEPWorkerExtension:
         if state is None:
             raise RuntimeError("vllm_wideep: this engine has no wide-EP MoE layer")
         balancer = state.balancer
-        eplb = {}
+        eplb, eplb_steps = {}, {}
         if balancer is not None:
             eplb = {
                 name: dataclasses.asdict(counter)
                 for name, counter in zip(balancer.layer_names, balancer.counters, strict=True)
             }
+            eplb_steps = dataclasses.asdict(balancer.step_times)
         return {
             "ep_rank": get_ep_group().rank_in_group,
             "tokens_per_expert": {
@@ -58,6 +61,8 @@ class WideEPWorkerExtension:
                 for name, slots in state.slots.items()
             },
             "eplb": eplb,
+            "eplb_steps": eplb_steps,
+            "staging_bytes": state.staging.nbytes if state.staging is not None else 0,
             "traffic": {name: traffic.snapshot() for name, traffic in state.traffic.items()},
         }
 
