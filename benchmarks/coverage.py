@@ -260,31 +260,44 @@ def coverage(names: list[str], root: Path) -> list[Row]:
     ]
 
 
+TABLE_HEADER = (
+    "| model (tiny checkpoint) | vLLM architecture | EP 2 through TP 2 vs stock TP 1 |",
+    "|---|---|---|",
+)
+
+
+def _markdown_row(row: Row) -> str:
+    status = (
+        row.status
+        if not row.detail or row.status == "identical"
+        else f"{row.status} ({row.detail})"
+    )
+    return f"| `{row.name}` | `{row.architecture}` | {status} |"
+
+
 def markdown(rows: list[Row]) -> str:
-    lines = [
-        "| model (tiny checkpoint) | vLLM architecture | EP 2 through TP 2 vs stock TP 1 |",
-        "|---|---|---|",
-    ]
-    for row in sorted(rows, key=lambda r: r.name):
-        status = (
-            row.status
-            if not row.detail or row.status == "identical"
-            else (f"{row.status} ({row.detail})")
-        )
-        lines.append(f"| `{row.name}` | `{row.architecture}` | {status} |")
+    lines = [*TABLE_HEADER, *(_markdown_row(r) for r in sorted(rows, key=lambda r: r.name))]
     return "\n".join(lines) + "\n"
 
 
-def write_doc(table: str, doc: Path) -> None:
+def write_doc(rows: list[Row], doc: Path) -> None:
+    """Put the table of ``rows`` between the markers of ``doc``; the rows of other models
+    already there stay (``--only`` reruns some)."""
     text = doc.read_text()
     before, rest = text.split(TABLE_START, 1)
-    _, after = rest.split(TABLE_END, 1)
+    old_table, after = rest.split(TABLE_END, 1)
+    kept = {ln.split("`")[1]: ln for ln in old_table.splitlines() if ln.startswith("| `")}
+    for row in rows:
+        kept[row.name] = _markdown_row(row)
+    table = "\n".join([*TABLE_HEADER, *(kept[name] for name in sorted(kept))]) + "\n"
     doc.write_text(f"{before}{TABLE_START}\n{table}{TABLE_END}{after}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="these models only")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="rerun these models; other rows stay"
+    )
     parser.add_argument("--out", default=str(DOC), help="the page to update, or - for stdout")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -297,11 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(os.environ.get("WIDEEP_TEST_CACHE", REPO / ".cache")) / "coverage-models"
     start = time.monotonic()
     rows = coverage(names, root)
-    table = markdown(rows)
-    print(table)
+    print(markdown(rows))
     print(f"{len(rows)} models in {time.monotonic() - start:.0f} s", file=sys.stderr)
     if args.out != "-":
-        write_doc(table, Path(args.out))
+        write_doc(rows, Path(args.out))
     return 0
 
 

@@ -133,6 +133,7 @@ needs TP 1.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -805,13 +806,16 @@ class CoverageArch:
     """One MoE architecture of vLLM as a tiny checkpoint: ``architecture`` (vLLM's
     registry name, written to ``config.json``) from transformers' ``config_class`` with
     ``COVERAGE_SIZES`` and ``overrides`` (which win), weights drawn for transformers'
-    ``model_class``. ``extra_config``: keys only vLLM reads, set after the config is built."""
+    ``model_class``. ``extra_config``: keys only vLLM reads, set after the config is built;
+    ``drop_tensors``: names (a regex) that transformers writes but the released checkpoints
+    do not have."""
 
     architecture: str
     config_class: str
     model_class: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     extra_config: Mapping[str, Any] = field(default_factory=dict)
+    drop_tensors: str = ""  # regex: tensors transformers writes that vLLM does not load
 
 
 _MLA_NO_GROUPS = {"n_group": 1, "topk_group": 1}
@@ -914,7 +918,7 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
         "HYV3Config",
         "HYV3ForCausalLM",
         _ALL_SPARSE,
-        {"first_k_dense_replace": 0, "expert_hidden_dim": 64, "route_norm": True},
+        {"first_k_dense_replace": 0, "expert_hidden_dim": 64, "route_norm": True, "qk_norm": True},
     ),
     "jamba": CoverageArch(
         "JambaForCausalLM",
@@ -956,6 +960,8 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
             "num_key_value_heads": 4,
         },
         {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"},
+        # transformers gives the 2 zero (identity) experts weights too; LongCat ships none
+        drop_tensors=r"\.mlp\.experts\.(8|9)\.",
     ),
     "mimo_v2_flash": CoverageArch(
         "MiMoV2FlashForCausalLM",
@@ -983,7 +989,7 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
         "MiniMaxM2Config",
         "MiniMaxM2ForCausalLM",
         {"intermediate_size": 64},
-        {"rotary_dim": 32, "scoring_func": "sigmoid"},
+        {"rotary_dim": 32, "scoring_func": "sigmoid", "use_routing_bias": True},
     ),
     "nemotron_h": CoverageArch(
         "NemotronHForCausalLM",
@@ -1089,6 +1095,7 @@ def _reinit_coverage_weights(
 def _write_coverage_model(tmp: Path, name: str, dtype: str, seed: int) -> None:
     import torch
     import transformers
+    from safetensors.torch import load_file, save_file
     from transformers import GenerationConfig
 
     arch = _coverage_arch(name)
@@ -1102,6 +1109,10 @@ def _write_coverage_model(tmp: Path, name: str, dtype: str, seed: int) -> None:
         bos_token_id=EOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
     )
     model.save_pretrained(tmp)
+    if arch.drop_tensors:
+        weights = tmp / "model.safetensors"
+        kept = {k: v for k, v in load_file(weights).items() if not re.search(arch.drop_tensors, k)}
+        save_file(kept, weights, metadata={"format": "pt"})
     # save_pretrained names transformers' class; vLLM's registry name may differ in case.
     config.architectures = [arch.architecture]
     config.save_pretrained(tmp)
@@ -1129,7 +1140,12 @@ def build_coverage_model(
     if dtype not in TINY_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {TINY_DTYPES}")
     out = Path(out_dir).absolute()
-    stamp = {**_stamp(name, dtype, seed), "coverage": True}
+    # The config's digest: a changed COVERAGE_ARCHES entry rebuilds the folder.
+    config = json.dumps(coverage_config(name).to_dict(), sort_keys=True, default=str)
+    stamp = {
+        **_stamp(name, dtype, seed),
+        "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+    }
     if _is_current(out, stamp):
         return out
     return publish_folder(out, stamp, lambda tmp: _write_coverage_model(tmp, name, dtype, seed))
