@@ -21,6 +21,7 @@ import torch
 from vllm_wideep.comm.base import Dispatcher, DispatchResult
 from vllm_wideep.comm.exchange import (
     Exchange,
+    add_rows,
     combine_traffic,
     dispatch_traffic,
     exchange_rows,
@@ -32,7 +33,7 @@ from vllm_wideep.comm.routing import plan_routes
 
 @dataclass(frozen=True)
 class _AllToAllHandle:
-    token_index: torch.Tensor  # [P] int64 source row of each sent pair
+    token_index: torch.Tensor  # [P] int64 source row of each sent pair, by rank then token
     exchange: Exchange
     num_tokens: int  # M
 
@@ -63,4 +64,5 @@ class AllToAllDispatcher(Dispatcher):
             dtype=torch.float32,
             device=expert_output.device,
         )
-        return out.index_add_(0, handle.token_index, returned.float())
+        # Pairs are sorted by rank: each token's rows are added in rank order.
+        return add_rows(out, handle.token_index, returned.float())

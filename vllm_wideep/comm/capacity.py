@@ -1,17 +1,19 @@
 """`capacity` backend: fixed-size per-peer buffers, no host sync (CUDA-graph safe).
 
 Every rank sends every peer one block of `C + 1` rows (`C` = the capacity) in one
-`all_to_all_single` with equal splits: a header row carrying the number of rows used and
-the sender's overflow count, then up to C rows packed as in `packing.RowFormat`, the rest
-zeros. Routing (`plan_routes(max_pairs=M * min(k, R))`), packing, the header and the
-unpacking are device ops on fixed shapes: nothing reads a count on the host, so vLLM can
-capture the MoE layer in a CUDA graph. The price is padding: the wire carries R - 1 full
-blocks per call whatever the routing (`TrafficCounters` counts them).
+`all_to_all_single` with equal splits: a header row carrying the number of rows used, the
+sender's overflow count and the sender's most rows for one peer, then up to C rows packed
+as in `packing.RowFormat`, the rest zeros. Routing (`plan_routes(max_pairs=M * min(k, R))`),
+packing, the header and the unpacking are device ops on fixed shapes: inside a capture
+nothing reads a count on the host, so vLLM can capture the MoE layer in a CUDA graph
+(outside one, the headers are read once per layer: see the end). The price is padding: the
+wire carries R - 1 full blocks per call whatever the routing (`TrafficCounters` counts
+them).
 
 Worked example, R = 2, C = 3, rank 0 sends rows a, b to rank 1 and nothing to itself:
 
-    block to rank 0: [header (0, 0) | 0 | 0 | 0]
-    block to rank 1: [header (2, 0) | a | b | 0]
+    block to rank 0: [header (0, 0, 2) | 0 | 0 | 0]
+    block to rank 1: [header (2, 0, 2) | a | b | 0]
     rank 1 receives 2 * 3 rows, masks all but a and b (`-1` ids), its experts skip them,
     and combine sends the same fixed blocks back; rank 0 picks a's and b's rows out.
 
@@ -31,6 +33,12 @@ receives at most that many from it:
   every rank) and, when any rank overflowed, all ranks run a second, variable-size round
   (the `alltoall` exchange) for the rows beyond C. No row is ever dropped; each one that took
   the second round adds to `overflow_rows`.
+* No second round when C already equals max_tokens_per_rank: a rank that has more rows
+  for one peer than C (it was handed more tokens than the budget) cannot send them. Every
+  rank reads the headers outside a capture (one host read per layer; the headers came in
+  the collective that runs anyway), so all of them learn it from the same numbers and
+  raise the same `CapacityOverflowError`, naming the rank, its rows and C, instead of one
+  rank raising and its peers waiting for it in the next collective until the timeout.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import torch.distributed as dist
 from vllm_wideep.comm.base import Dispatcher, DispatchResult, TrafficCounters
 from vllm_wideep.comm.exchange import (
     Exchange,
+    add_rows,
     combine_traffic,
     dispatch_traffic,
     exchange_rows,
@@ -52,7 +61,13 @@ from vllm_wideep.comm.packing import RowFormat
 from vllm_wideep.comm.routing import plan_routes
 from vllm_wideep.config import DispatchDtype
 
-HEADER_BYTES = 16  # int64 rows used in the block, int64 sender's overflow rows
+# int64 each: rows used in the block, the sender's overflow rows, the sender's most rows
+# for one peer
+HEADER_BYTES = 24
+
+
+class CapacityOverflowError(RuntimeError):
+    """Rows beyond the capacity with no second round to carry them; raised on every rank."""
 
 
 def capacity_rows(
@@ -86,13 +101,13 @@ def _capturing() -> bool:
 
 @dataclass(frozen=True)
 class _SecondRound:
-    token_index: torch.Tensor  # [P2] int64 source rows of the overflow pairs
+    pairs: torch.Tensor  # [P2] int64 the overflow pairs, indices into the plan's pairs
     exchange: Exchange
 
 
 @dataclass(frozen=True)
 class _CapacityHandle:
-    token_index: torch.Tensor  # [P_max] int64 source row of each pair (padding: 0)
+    token_index: torch.Tensor  # [P_max] int64 source row of each pair, by rank (padding: 0)
     gather_index: torch.Tensor  # [P_max] int64 row in the returned blocks; R * C = none
     num_tokens: int  # M
     second: _SecondRound | None
@@ -135,12 +150,6 @@ class CapacityDispatcher(Dispatcher):
     def dispatch(self, hidden_states, topk_ids, topk_weights) -> DispatchResult:
         num_tokens, top_k = topk_ids.shape
         R, C, device = self.num_ranks, self.capacity, hidden_states.device
-        if num_tokens > self.max_tokens_per_rank:
-            raise ValueError(
-                f"vllm_wideep: {num_tokens} tokens on one rank, more than the "
-                f"max_tokens_per_rank={self.max_tokens_per_rank} the capacity buffers "
-                f"were sized for"
-            )
         fmt = RowFormat.of(hidden_states, topk_ids, self.dispatch_dtype)
         if fmt.nbytes < HEADER_BYTES:
             raise ValueError(f"vllm_wideep: rows of {fmt.nbytes} bytes cannot hold the header")
@@ -166,8 +175,13 @@ class CapacityDispatcher(Dispatcher):
         packed = fmt.pack(hidden_states[plan.token_index], plan.local_ids, plan.weights)
         send[torch.where(fits, plan.dest_rank * block + 1 + position, trash)] = packed
         header = torch.stack(
-            [plan.send_counts.clamp(max=C), overflow.sum().expand(R)], dim=1
-        )  # [R, 2] int64
+            [
+                plan.send_counts.clamp(max=C),
+                overflow.sum().expand(R),
+                plan.send_counts.max().expand(R),
+            ],
+            dim=1,
+        )  # [R, 3] int64
         blocks = send[:trash].view(R, block, fmt.nbytes)
         blocks[:, 0, :HEADER_BYTES] = header.view(torch.uint8).view(R, HEADER_BYTES)
         recv = torch.empty_like(blocks)
@@ -180,7 +194,7 @@ class CapacityDispatcher(Dispatcher):
         )
         # reshape, not contiguous(): with R = 1 the slice counts as contiguous but keeps
         # the block stride, which need not be a multiple of 8.
-        header_in = recv[:, 0, :HEADER_BYTES].reshape(-1).view(torch.int64).view(R, 2)
+        header_in = recv[:, 0, :HEADER_BYTES].reshape(-1).view(torch.int64).view(R, 3)
         used = torch.arange(C, device=device)[None, :] < header_in[:, :1]  # [R, C]
         hidden, scales, ids, weights = fmt.unpack(
             recv[:, 1:].reshape(R * C, fmt.nbytes), self.keep_fp8
@@ -190,9 +204,12 @@ class CapacityDispatcher(Dispatcher):
         weights = torch.where(used, weights, 0.0)
 
         second = None
-        # Only when C < max_tokens_per_rank, and never inside a capture (sized not to
-        # overflow there): one host read, the same on every rank.
-        if self.may_overflow and not _capturing() and int(header_in[:, 1].sum()) > 0:
+        # Never inside a capture (sized not to overflow there): one host read, the same
+        # numbers on every rank.
+        over = [] if _capturing() else header_in[:, 1:].tolist()  # [R, 2]
+        if any(beyond for beyond, _ in over):
+            if not self.may_overflow:
+                raise CapacityOverflowError(self._overflow_message(over))
             pairs = overflow.nonzero().squeeze(1)  # still sorted by destination rank
             counts = torch.bincount(plan.dest_rank[pairs], minlength=R)
             recv2, exchange = exchange_rows(packed[pairs], counts, self.group)
@@ -202,7 +219,7 @@ class CapacityDispatcher(Dispatcher):
             scales = None if scales is None else torch.cat([scales, scales2])
             ids = torch.cat([ids, ids2])
             weights = torch.cat([weights, weights2])
-            second = _SecondRound(plan.token_index[pairs], exchange)
+            second = _SecondRound(pairs, exchange)
 
         gather_index = torch.where(fits, plan.dest_rank * C + position, R * C)
         return DispatchResult(
@@ -211,6 +228,22 @@ class CapacityDispatcher(Dispatcher):
             topk_ids=ids,
             topk_weights=weights,
             handle=_CapacityHandle(plan.token_index, gather_index, num_tokens, second),
+        )
+
+    def _overflow_message(self, over: list[list[int]]) -> str:
+        """over: per sending rank, [rows beyond C, most rows for one peer]."""
+        ranks = "; ".join(
+            f"rank {rank} has {most} rows for one peer, {beyond} beyond it"
+            for rank, (beyond, most) in enumerate(over)
+            if beyond
+        )
+        return (
+            f"vllm_wideep: the capacity exchange holds C = {self.capacity} rows per peer "
+            f"block and {ranks}. No second round: C already equals the per-rank token "
+            f"budget ceil(max_num_batched_tokens / TP) = {self.max_tokens_per_rank} the "
+            f"buffers were sized for, and a rank was handed more tokens than that. Raise "
+            f"--max-num-batched-tokens, or set --wideep-capacity-tokens below the budget so "
+            f"that rows beyond C take a second round."
         )
 
     def combine(self, expert_output, handle: _CapacityHandle) -> torch.Tensor:
@@ -224,11 +257,13 @@ class CapacityDispatcher(Dispatcher):
         self.traffic.add(
             self._fixed_increment(device, calls=1, combine_sent_bytes=wire, combine_recv_bytes=wire)
         )
-        out = torch.zeros(handle.num_tokens, hidden_dim, dtype=torch.float32, device=device)
-        out.index_add_(0, handle.token_index, returned[handle.gather_index].float())
+        rows = returned[handle.gather_index].float()  # [P_max, H]; zeros where none came
         if handle.second is not None:
             exchange = handle.second.exchange
-            rows = return_rows(expert_output[R * C :], exchange, self.group)
+            second = return_rows(expert_output[R * C :], exchange, self.group)
             self.traffic.add(combine_traffic(exchange, self.rank, expert_output))
-            out.index_add_(0, handle.second.token_index, rows.float())
-        return out
+            rows[handle.second.pairs] = second.float()
+        # One add over the pairs, sorted by rank: a token's rows are summed in rank order
+        # whether they came in the blocks or in the second round.
+        out = torch.zeros(handle.num_tokens, hidden_dim, dtype=torch.float32, device=device)
+        return add_rows(out, handle.token_index, rows)

@@ -2,9 +2,9 @@
 
 `exchange_rows` sends rows grouped by destination rank with one variable-size
 `all_to_all_single` (the row counts go first, read on the host: a sync), and
-`return_rows` sends rows back the way they came. `dispatch_traffic` and
-`combine_traffic` count the bytes of those calls that crossed to other ranks
-(`TrafficCounters`).
+`return_rows` sends rows back the way they came, and `add_rows` adds the returned rows
+into their tokens in a fixed order. `dispatch_traffic` and `combine_traffic` count the bytes
+of those calls that crossed to other ranks (`TrafficCounters`).
 """
 
 from __future__ import annotations
@@ -62,6 +62,23 @@ def return_rows(rows: torch.Tensor, exchange: Exchange, group) -> torch.Tensor:
         group=group,
     )
     return returned
+
+
+def add_rows(out: torch.Tensor, token_index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`out[token_index[p]] += rows[p]` for p = 0, 1, ... in that order, on every device;
+    returns `out`.
+
+    out: `[M, H]` float32; token_index: `[P]` int64; rows: `[P, H]` float32. Callers list a
+    token's rows by source rank, so its sum is always taken in rank order, whatever the
+    batch, the thread count or the order in which peers' rows arrived
+    (docs/token-exchange.md#determinism). CPU `index_add_` adds the rows one after another
+    in index order; CUDA's uses atomics, whose order varies from run to run, where
+    `index_put_(accumulate=True)` sorts the indices stably and adds each token's rows in
+    one thread, in order.
+    """
+    if out.device.type == "cuda":
+        return out.index_put_((token_index,), rows, accumulate=True)
+    return out.index_add_(0, token_index, rows)
 
 
 def dispatch_traffic(
