@@ -12,7 +12,8 @@ request, prompts of 1 to 64 words and 4 to 64 output tokens drawn with `--seed`,
 `--concurrency` in flight; `--disconnect-fraction` of the clients hang up mid-stream, after
 a drawn number of chunks.
 
-Two runs on one server, after a warm-up of `--concurrency` requests:
+Two runs on one server, after a warm-up of 2 x `--concurrency` requests drawn the same
+way (another seed):
 
     clean          the requests as drawn
     bad transfer   `wideep_fault_drill` armed on every EP rank first (the next expert
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -54,13 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.e2e.compare import assert_greedy_parity  # noqa: E402
-from tests.e2e.launch import Server, e2e_env, generate, group_rss_bytes  # noqa: E402
+from tests.e2e.launch import Server, e2e_env, generate, group_processes  # noqa: E402
 from vllm_wideep.tiny_models import build_tiny_model  # noqa: E402
 
 SERVED_NAME = "tiny"
@@ -78,6 +81,9 @@ VOCABULARY = " ".join(WORDS).split(" ")
 MAX_PROMPT_WORDS = 64
 OUTPUT_TOKENS = (4, 64)
 REQUEST_TIMEOUT_S = 180
+# Warm-up requests, in multiples of the concurrency: enough batches of mixed shapes for the
+# allocators and vLLM's caches to reach their working size before RSS is first read.
+WARM_UP_ROUNDS = 2
 MIB = 1 << 20
 
 
@@ -212,7 +218,10 @@ async def _stream(client: httpx.AsyncClient, url: str, request: SoakRequest) -> 
 
 async def _drive(url: str, requests: list[SoakRequest], concurrency: int) -> list[Outcome]:
     """Every request, at most `concurrency` in flight; outcomes in request order."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Each request on a connection of its own, as independent clients: a kept-alive
+    # connection can be closed by the server's keep-alive timeout (5 s) just as a starved
+    # client sends the next request on it, which fails before the server sees a byte.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=30)
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
@@ -226,6 +235,18 @@ async def _drive(url: str, requests: list[SoakRequest], concurrency: int) -> lis
 
 def drive(url: str, requests: list[SoakRequest], concurrency: int) -> list[Outcome]:
     return asyncio.run(_drive(url, requests, concurrency))
+
+
+def rss_by_process(group: int) -> dict[str, int]:
+    """Resident bytes of each live process of the server's group, by its name (vLLM names
+    its processes `VLLM::EngineCore_DP0`, ...; the front end is `vllm serve`)."""
+    sizes = {}
+    for process in group_processes(group):
+        with contextlib.suppress(psutil.Error):
+            command = " ".join(process.cmdline())
+            name = "API server" if process.pid == group else command[:48]
+            sizes[f"{name} ({process.pid})"] = process.memory_info().rss
+    return sizes
 
 
 def balancer_counts(server: Server) -> BalancerCounts:
@@ -271,12 +292,16 @@ def soak_run(
     """One run: its outcomes and measurements (mismatches are checked later, against the
     reference)."""
     before = balancer_counts(server)
-    rss_start = group_rss_bytes(server.proc.pid)
+    rss_start = rss_by_process(server.proc.pid)
     start = time.monotonic()
     outcomes = drive(server.url, requests, concurrency)
     seconds = time.monotonic() - start
-    rss_end = group_rss_bytes(server.proc.pid)
+    rss_end = rss_by_process(server.proc.pid)
     after = balancer_counts(server)
+    for process, start_bytes in sorted(rss_start.items()):
+        end_bytes = rss_end.get(process, 0)
+        print(f"  {process}: RSS {start_bytes / MIB:.0f} -> {end_bytes / MIB:.0f} MiB")
+    rss_start, rss_end = sum(rss_start.values()), sum(rss_end.values())
     measured = {
         "name": name,
         "seconds": seconds,
@@ -326,7 +351,8 @@ def soak(
 
     reference_thread = threading.Thread(target=compute_reference, daemon=True)
     reference_thread.start()
-    warm_up = soak_requests(concurrency, disconnect_fraction=0, seed=-1)
+    hanging_up = sum(r.disconnect_after is not None for r in requests) / len(requests)
+    warm_up = soak_requests(WARM_UP_ROUNDS * concurrency, hanging_up, seed=-1)
     env = e2e_env(num_ranks=2, VLLM_SERVER_DEV_MODE="1")  # POST /collective_rpc
     runs = []
     with Server(model, [*SERVE, "--dtype", dtype], env) as server:

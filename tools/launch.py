@@ -150,16 +150,6 @@ def group_processes(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """Resident memory of every live process of group `pgid`, summed (pages shared
-    between them counted once per process)."""
-    total = 0
-    for process in group_processes(pgid):
-        with contextlib.suppress(psutil.Error):
-            total += process.memory_info().rss
-    return total
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

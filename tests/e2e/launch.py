@@ -16,7 +16,6 @@ from tools.launch import (
     e2e_env,
     free_port,
     group_processes,
-    group_rss_bytes,
     run_group,
 )
 
@@ -28,7 +27,6 @@ __all__ = [
     "free_port",
     "generate",
     "group_processes",
-    "group_rss_bytes",
     "run_group",
     "server_complete",
 ]
