@@ -9,6 +9,11 @@ forward pass (`eplb_overlap` on) and without (off). Same prompts, greedy.
     rebalance step   = (wall time on - wall time off) / re-planning steps
     also: the balancer's own timer (seconds its steps spent beginning and finishing moves
           per re-planning step, max over ranks)
+    pause            = the longest step hook on a busy step (starting a plan, voting on
+                       it, beginning or finishing moves) minus the mean plain hook, max
+                       over ranks and the whole run (`wideep_stats` "eplb_steps"), as a
+                       ratio to a plain step; also the mean busy hook's excess, and the
+                       staging reserved per rank
 
     python benchmarks/eplb_step_cost.py [--arch qwen3_moe] [--tokens 48] [--json out.json]
 
@@ -72,6 +77,18 @@ def _moves(before: list[dict], after: list[dict]) -> tuple[int, float]:
     return rebalances, seconds
 
 
+def _pause(after: list[dict]) -> tuple[float, float, float]:
+    """(longest busy step hook - mean plain step hook, mean busy - mean plain, both max
+    over ranks, in seconds; staging bytes per rank)."""
+    longest = mean = 0.0
+    for rank in after:
+        steps = rank["eplb_steps"]
+        plain = steps["plain_seconds"] / max(steps["plain_steps"], 1)
+        longest = max(longest, steps["busy_max_seconds"] - plain)
+        mean = max(mean, steps["busy_seconds"] / max(steps["busy_steps"], 1) - plain)
+    return longest, mean, max(rank["staging_bytes"] for rank in after)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="qwen3_moe")
@@ -124,7 +141,12 @@ def main() -> int:
         run = results[name]
         extra = (run["seconds"] - results["off"]["seconds"]) / rebalance_steps
         layer_moves, moving = _moves(run["eplb_before"], run["eplb_after"])
+        pause, mean_pause, staging = _pause(run["eplb_after"])
         summary[name] = {
+            "pause_ms": pause * 1e3,
+            "pause_per_plain_step": pause / plain,
+            "mean_pause_ms": mean_pause * 1e3,
+            "staging_bytes_per_rank": staging,
             "layer_moves": layer_moves,
             "extra_ms_per_rebalance_step_wall": extra * 1e3,
             "moving_ms_per_rebalance_step": moving / rebalance_steps * 1e3,
@@ -139,6 +161,15 @@ def main() -> int:
             f"  balancer's own time                  {moving / rebalance_steps * 1e3:8.1f} ms "
             f"= {moving / rebalance_steps / plain:.2f} x a plain step"
         )
+        print(
+            f"  longest pause a rebalance added      {pause * 1e3:8.1f} ms "
+            f"= {pause / plain:.2f} x a plain step"
+        )
+        print(
+            f"  mean pause of a busy step            {mean_pause * 1e3:8.1f} ms "
+            f"= {mean_pause / plain:.2f} x a plain step"
+        )
+        print(f"  staging reserved per rank            {staging / 2**10:8.1f} KiB")
         print(f"  same tokens as with the balancer off: {summary[name]['same_tokens']}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")

@@ -116,10 +116,12 @@ def moves_overlap(config: WideEPConfig, device: torch.device) -> bool:
     return config.eplb_overlap == "on" or (config.eplb_overlap == "auto" and device.type == "cuda")
 
 
-def staging_sets(config: WideEPConfig, device: torch.device) -> int:
-    """Layers whose moves can hold staging rows at once: `eplb_layers_per_step`, twice
-    that when moves overlap a step (the layers being committed while the next begin)."""
-    return config.eplb_layers_per_step * (2 if moves_overlap(config, device) else 1)
+def staging_sets(config: WideEPConfig, device: torch.device, num_layers: int | None = None) -> int:
+    """Layers whose moves can hold staging rows at once: `eplb_layers_per_step` (at most
+    `num_layers`, the MoE layers there can be), twice that when moves overlap a step (the
+    layers being committed while the next begin)."""
+    layers = min(config.eplb_layers_per_step, num_layers or config.eplb_layers_per_step)
+    return layers * (2 if moves_overlap(config, device) else 1)
 
 
 @dataclass
@@ -182,9 +184,9 @@ class Balancer:
         self.steps += 1
         if self.config.eplb != "online":
             return
-        start = time.perf_counter()
         if self.own_group is None:
             self.own_group = _own_group(self.group, self.timeout)
+        start = time.perf_counter()
         busy = bool(self.in_flight or self.planning or self.pending)
         self._finish()
         if self.planning is not None:

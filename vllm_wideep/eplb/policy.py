@@ -384,6 +384,7 @@ def _refine(w: np.ndarray, bins: np.ndarray, target: np.ndarray) -> np.ndarray:
     state.slot_load = np.take_along_axis(share, bins.reshape(num_rows, -1), 1).reshape(bins.shape)
     state.rank_load = state.slot_load.sum(axis=2)  # [B, R]
     active = np.arange(num_rows)
+    done = np.zeros(num_rows, dtype=bool)  # rows where no swap helps any more
     for _ in range(_ROUNDS):
         over = state.rank_load[active] > target[active, None]  # [A, R]
         active, over = active[over.any(axis=1)], over[over.any(axis=1)]
@@ -408,7 +409,8 @@ def _refine(w: np.ndarray, bins: np.ndarray, target: np.ndarray) -> np.ndarray:
             x = np.arange(len(stalled))
             ok = excess[x, p] < half_gap[x, p] - _EPS * state.rank_load[stalled, peak]
             state.swap(stalled[ok], peak[ok], light[x, p][ok], best[x, p][ok])
-            active = np.setdiff1d(active, stalled[~ok])
+            done[stalled[~ok]] = True
+            active = active[~done[active]]
     return bins
 
 
@@ -456,10 +458,11 @@ class _SwapState:
         eh, el = self.bins[b, h, i], self.bins[b, lt, j]
         moved = self.slot_load[b, h, i] - self.slot_load[b, lt, j]
         self.bins[b, h, i], self.bins[b, lt, j] = el, eh
-        np.add.at(self.held, (b, h, eh), -1)
-        np.add.at(self.held, (b, lt, el), -1)
-        np.add.at(self.held, (b, h, el), 1)
-        np.add.at(self.held, (b, lt, eh), 1)
+        # (b, h) and (b, lt) are distinct across the K swaps: plain fancy updates suffice.
+        self.held[b, h, eh] -= 1
+        self.held[b, lt, el] -= 1
+        self.held[b, h, el] += 1
+        self.held[b, lt, eh] += 1
         self.slot_load[b, h, i], self.slot_load[b, lt, j] = (
             self.slot_load[b, lt, j],
             self.slot_load[b, h, i],

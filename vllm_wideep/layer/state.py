@@ -85,7 +85,7 @@ def register_layer(
         for callback in on_first_layer:
             callback()
     if config.eplb == "online" and _current.staging is None:
-        _current.staging = _reserve_staging(config, slots)
+        _current.staging = _reserve_staging(config, slots, _model_layers())
     _current.slots[slots.layer_name] = slots
     _current.traffic[slots.layer_name] = traffic
     _current.balancer = None  # rebuilt over the new layer set at the next step
@@ -99,12 +99,25 @@ def worker_state(engine_config: Any) -> WorkerState | None:
     return _current
 
 
-def _reserve_staging(config: WideEPConfig, slots: ExpertSlots) -> StagingPool:
+def _model_layers() -> int | None:
+    """The hidden layers of the model vLLM is building (the most MoE layers it can have),
+    None outside a vLLM config."""
+    from vllm.config.vllm import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None or vllm_config.model_config is None:
+        return None
+    return getattr(vllm_config.model_config.hf_text_config, "num_hidden_layers", None)
+
+
+def _reserve_staging(
+    config: WideEPConfig, slots: ExpertSlots, num_layers: int | None
+) -> StagingPool:
     """Staging rows for `staging_sets` layers in flight, each S slots of every slot tensor
     of `slots` (the model's MoE layers share one shape; a layer that differs allocates its
     own at each move)."""
     device = slots.weights[0].device
-    pool = StagingPool.reserve(slots.weights, staging_sets(config, device))
+    pool = StagingPool.reserve(slots.weights, staging_sets(config, device, num_layers))
     logger.info(
         "vllm_wideep: EP rank %d reserved %.1f MiB for expert-move staging (%d layers in "
         "flight x %d slots x %d tensors)",
