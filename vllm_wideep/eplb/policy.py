@@ -334,7 +334,20 @@ def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
     num_experts = share.shape[1]
     placed_rank = np.full(experts.shape, -1, dtype=np.int64)
     real_items = (experts >= 0).sum(axis=1)
-    for k in range(int(real_items.max(initial=0))):
+    first = 0
+    if not filled.any() and experts.shape[1] >= num_ranks and (item_share[:, :num_ranks] > 0).all():
+        # Onto empty ranks the R largest replicas go to ranks 0 .. R-1 in turn (each
+        # leaves its rank heavier than the empty ones): one step instead of R.
+        first = num_ranks
+        placed_rank[:, :first] = np.arange(num_ranks)
+        cand += item_share[:, :first].reshape(-1)
+        free -= 1
+        cand[free == 0] = np.inf
+        holds[
+            (rows[:, None] * num_experts + experts[:, :first]).reshape(-1),
+            np.tile(np.arange(num_ranks), num_rows),
+        ] = True
+    for k in range(first, int(real_items.max(initial=0))):
         if k < real_items.min():  # every row has an item k: no row selection
             live, load, pen = rows, cand.reshape(num_rows, num_ranks), penalty
         else:
