@@ -290,17 +290,21 @@ def _pack_rounds(w: np.ndarray, count: np.ndarray, num_ranks: int, slots_per_ran
     bins = np.empty((num_rows, num_ranks, slots_per_rank), dtype=np.int64)
     rank_load = np.zeros((num_rows, num_ranks))
     rows = np.arange(num_rows)[:, None]
-    clash = np.zeros(num_rows, dtype=bool)
     for t in range(slots_per_rank):
         rank = np.argsort(rank_load, axis=1, kind="stable")  # [B, R] lightest first
         e = experts[:, t]  # [B, R] descending share
         x, k = np.nonzero((bins[rows, rank, :t] == e[..., None]).any(axis=2))
         k2 = np.where(k + 1 < num_ranks, k + 1, k - 1)
         ok = ~_holds(bins[x, rank[x, k2], :t], e[x, k]) & ~_holds(bins[x, rank[x, k], :t], e[x, k2])
+        # Swaps touching a common position would break the permutation: skip those.
+        at = np.concatenate([x * num_ranks + k, x * num_ranks + k2])
+        touched = np.bincount(at, minlength=num_rows * num_ranks)
+        ok &= (touched[x * num_ranks + k] == 1) & (touched[x * num_ranks + k2] == 1)
         rank[x[ok], k[ok]], rank[x[ok], k2[ok]] = rank[x[ok], k2[ok]], rank[x[ok], k[ok]]
-        clash[x[~ok]] = True
         bins[rows, rank, t] = e
         rank_load[rows, rank] += item_share[:, t]
+    ranked = np.sort(bins, axis=2)  # a copy of an expert twice on a rank sits side by side
+    clash = (ranked[..., 1:] == ranked[..., :-1]).any(axis=(1, 2))
     return bins, clash
 
 
