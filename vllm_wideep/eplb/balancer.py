@@ -291,9 +291,13 @@ class Balancer:
         layer, counter = self.layers[index], self.counters[index]
         start = time.perf_counter()
         plan = plan_moves(layer.physical_to_logical, self.target[index], self.slots_per_rank)
+        # The pool's sets go round; this step's layers (`in_flight`) may take at most
+        # their share, so no set is reused while its layer, or last step's, still needs it.
+        pool = self.staging
         staging = None
-        if self.staging is not None and self.staging.fits(layer.weights):
-            staging = self.staging.take()
+        per_step = 0 if pool is None else pool.sets // (2 if self.overlap else 1)
+        if len(self.in_flight) < per_step and pool.fits(layer.weights):
+            staging = pool.take()
         try:
             moves = begin_moves(
                 plan, layer.weights, self.rank, self.num_ranks, self.own_group, staging

@@ -183,6 +183,10 @@ class StagingPool:
         return cls([w.new_empty((sets, *w.shape)) for w in weights])
 
     @property
+    def sets(self) -> int:
+        return self.buffers[0].shape[0]
+
+    @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers)
 
@@ -195,7 +199,7 @@ class StagingPool:
 
     def take(self) -> list[torch.Tensor]:
         """The next set: per slot tensor, `[S, ...]` rows to stage a layer's moves in."""
-        index = self._next % self.buffers[0].shape[0]
+        index = self._next % self.sets
         self._next += 1
         return [b[index] for b in self.buffers]
 
