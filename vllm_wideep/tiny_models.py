@@ -850,7 +850,7 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
         "DeepseekV2ForCausalLM",
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
-        {"topk_method": "greedy", "n_group": None, "topk_group": None},
+        {"topk_method": "greedy"},  # with one group, as DeepSeek-V2-Lite
     ),
     "ernie45_moe": CoverageArch(
         "Ernie4_5_MoeForCausalLM",

@@ -174,6 +174,8 @@ def choose_quantization(model_config) -> str | None:
     what = {
         "fp8": f"fp8 with weight_block_size {block}",
         "compressed-tensors": f"compressed-tensors ({problem})",
+        "mxfp4": "MXFP4 (mxfp4)",
+        "gpt_oss_mxfp4": "MXFP4 (gpt_oss_mxfp4, gpt-oss's format)",
     }.get(method, method)
     raise ValueError(
         f"vllm_wideep: --enable-wideep cannot serve {model_config.model!r}: its "
