@@ -1140,8 +1140,12 @@ def build_coverage_model(
     if dtype not in TINY_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; expected one of {TINY_DTYPES}")
     out = Path(out_dir).absolute()
-    # The config's digest: a changed COVERAGE_ARCHES entry rebuilds the folder.
-    config = json.dumps(coverage_config(name).to_dict(), sort_keys=True, default=str)
+    # The digest of the config and the dropped tensors: a changed entry rebuilds the folder.
+    config = json.dumps(
+        [coverage_config(name).to_dict(), COVERAGE_ARCHES[name].drop_tensors],
+        sort_keys=True,
+        default=str,
+    )
     stamp = {
         **_stamp(name, dtype, seed),
         "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
