@@ -110,9 +110,11 @@ def test_ep2_through_tp2_while_rebalancing(case, stock, tp2):
     assert_greedy_parity(stock[case], tp2[case], case[1])
     stats = tp2[case]["stats"]
     _experts_used_on_every_rank(stats, 2)
-    for rank in stats:  # every layer moved to new placements, none failed
+    # Every layer moved to a new placement, none failed. Plans are made beside the steps
+    # and taken a few steps later, so a short generation sees one rebalance per layer.
+    for rank in stats:
         for layer, counters in rank["eplb"].items():
-            assert counters["rebalances"] >= 2, (layer, counters)
+            assert counters["rebalances"] >= 1, (layer, counters)
             assert counters["failures"] == 0, (layer, counters)
     assert sum(c["moved_bytes"] for r in stats for c in r["eplb"].values()) > 0
     traffic = _traffic(tp2[case])

@@ -207,6 +207,13 @@ def test_redundant_experts_must_divide_by_the_ep_size():
     assert resolve_balancing(WideEPConfig(enabled=True, redundant_experts=4), _model_config(), 2)
 
 
+def test_gpt_oss_with_redundant_slots_is_refused_without_them_accepted():
+    gpt_oss = _model_config(architecture="GptOssForCausalLM")
+    with pytest.raises(ValueError, match="not supported for GptOssForCausalLM"):
+        resolve_balancing(WideEPConfig(enabled=True, redundant_experts=2), gpt_oss, 2)
+    assert resolve_balancing(WideEPConfig(enabled=True, eplb="online"), gpt_oss, 2)
+
+
 def test_placement_file_sets_the_slots_and_must_fit_the_model(tmp_path):
     path = tmp_path / "p.json"
     write_placement(path, _placement_record())  # 2 ranks x 9 slots for 16 experts

@@ -246,7 +246,25 @@ def resolve_balancing(config: WideEPConfig, model_config, ep_size: int) -> WideE
             f"vllm_wideep: --wideep-redundant-experts {redundant} must be a multiple of the "
             f"EP size {ep_size} (every rank gets the same number of extra slots)"
         )
+    _check_loader_takes_slots(config, model_config)
     return config
+
+
+# Models whose vLLM loader slices the checkpoint's experts into E/EP local experts itself,
+# so a layer with extra slots cannot be filled by it.
+LOADERS_WITHOUT_EXTRA_SLOTS = ("GptOssForCausalLM",)
+
+
+def _check_loader_takes_slots(config: WideEPConfig, model_config) -> None:
+    architectures = set(model_config.architectures or [])
+    refused = architectures.intersection(LOADERS_WITHOUT_EXTRA_SLOTS)
+    if config.redundant_experts > 0 and refused:
+        raise ValueError(
+            f"vllm_wideep: redundant expert slots ({config.redundant_experts}, from "
+            f"--wideep-redundant-experts or the placement file) are not supported for "
+            f"{', '.join(sorted(refused))}: vLLM's loader for it fills only E/EP experts "
+            f"per rank; online rebalancing without redundant slots works"
+        )
 
 
 def patch_engine_config() -> None:
