@@ -25,8 +25,8 @@ import statistics
 import time
 
 import torch
-from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
 
+from benchmarks.eplb import deepseek
 from vllm_wideep.eplb import Placement, plan_placement
 from vllm_wideep.eplb.traces import drifting_load
 
@@ -34,16 +34,6 @@ E = 256
 TOKENS = 8192 * 8
 SHAPES = ((32, 9), (64, 5))  # (R, S): 288 and 320 slots per layer
 ALPHAS = (1.0, 1.2)
-
-
-def vllm_policy(load, num_ranks, slots_per_rank, current=None):
-    return DefaultEplbPolicy.rebalance_experts(
-        load, num_ranks * slots_per_rank, 1, 1, num_ranks, old_global_expert_indices=current
-    )
-
-
-def ours_policy(load, num_ranks, slots_per_rank, current=None):
-    return plan_placement(load, num_ranks, slots_per_rank, current)
 
 
 def timed(policy, repeats, *args):
@@ -59,7 +49,7 @@ def timed(policy, repeats, *args):
 def row(alpha, num_ranks, slots_per_rank, layers, repeats):
     trace = drifting_load(2, layers, E, TOKENS, alpha, 0.02, seed=num_ranks + int(alpha * 10))
     out = {"alpha": alpha, "ep": num_ranks, "slots_per_rank": slots_per_rank}
-    for name, policy in (("ours", ours_policy), ("vllm", vllm_policy)):
+    for name, policy in (("ours", plan_placement), ("vllm", deepseek)):
         fresh, fresh_s = timed(policy, repeats, trace[0], num_ranks, slots_per_rank)
         inc, inc_s = timed(policy, repeats, trace[1], num_ranks, slots_per_rank, fresh)
         fresh_bal = Placement(fresh, num_ranks).balancedness(trace[0])

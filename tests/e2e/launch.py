@@ -1,13 +1,15 @@
 """Start vLLM in child process groups on 127.0.0.1 and always clean them up.
 
 The launcher lives in `tools.launch` (`make eval` uses it too); this module
-adds `generate`, which runs tests/e2e/generate.py.
+adds `generate`, which runs tests/e2e/generate.py, and `with_config`, a checkpoint with
+changes to its config.json.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from tools.launch import (
     REPO,
@@ -68,3 +70,15 @@ def server_complete(server: Server, prompts: list[str], max_tokens: int) -> dict
             for c in choices
         ],
     }
+
+
+def with_config(source: str, model: Path, **changes) -> str:
+    """A copy of the checkpoint at `source` in `model` with `changes` made to config.json;
+    the other files are links (for refusals checked before any weight is read)."""
+    model.mkdir()
+    for path in Path(source).iterdir():
+        if path.name != "config.json":
+            (model / path.name).symlink_to(path)
+    config = json.loads((Path(source) / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(model)

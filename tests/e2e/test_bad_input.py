@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.launch import VENV_BIN, e2e_env
+from tests.e2e.launch import VENV_BIN, e2e_env, with_config
 
 SERVE_TIMEOUT = 120  # seconds; a refusal must come well before this
 WIDEEP = {"wideep": {"enabled": True}}
@@ -79,40 +79,12 @@ def test_unknown_wideep_flag_lists_the_valid_ones(tiny_model):
 # --------------------------------------------------------------------------- #
 
 
-@pytest.fixture
-def engine_config(monkeypatch):
-    """`build(model, **engine_args)` -> VllmConfig, with the plugin loaded by vLLM."""
-    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    saved = dict(os.environ)
-
-    def build(model: str, **kwargs):
-        from vllm.engine.arg_utils import EngineArgs
-
-        from vllm_wideep.plugin.hooks import is_wrapped
-
-        engine_args = EngineArgs(model=model, enforce_eager=True, **kwargs)
-        assert is_wrapped(EngineArgs, "create_engine_config"), "plugin not loaded"
-        return engine_args.create_engine_config()
-
-    yield build
-    # vLLM's CPU platform writes os.environ (LD_PRELOAD, thread counts) while it builds
-    # the config; later tests copy os.environ into their vLLM children.
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _with_experts(tiny_model, tmp_path: Path, num_experts: int) -> str:
     """The tiny Mixtral (8 experts) with `num_local_experts` changed in config.json."""
-    source = Path(tiny_model("mixtral"))
-    model = tmp_path / f"mixtral-{num_experts}-experts"
-    model.mkdir()
-    for path in source.iterdir():
-        if path.name != "config.json":
-            (model / path.name).symlink_to(path)  # weights are never read here
-    config = json.loads((source / "config.json").read_text())
-    config["num_local_experts"] = num_experts
-    (model / "config.json").write_text(json.dumps(config))
-    return str(model)
+    source = tiny_model("mixtral")
+    return with_config(
+        source, tmp_path / f"mixtral-{num_experts}-experts", num_local_experts=num_experts
+    )
 
 
 def test_ep_size_must_divide_the_experts(engine_config, tiny_model, tmp_path):
@@ -222,17 +194,12 @@ UNSUPPORTED_QUANTIZATION = {
 
 @pytest.mark.parametrize("name", UNSUPPORTED_QUANTIZATION)
 def test_unsupported_quantization_is_refused_naming_it(engine_config, tiny_model, tmp_path, name):
-    source = Path(tiny_model("mixtral"))
-    model = tmp_path / "quantized"
-    model.mkdir()
-    for path in source.iterdir():
-        if path.name != "config.json":
-            (model / path.name).symlink_to(path)
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = UNSUPPORTED_QUANTIZATION[name]
-    (model / "config.json").write_text(json.dumps(config))
+    quantization = UNSUPPORTED_QUANTIZATION[name]
+    model = with_config(
+        tiny_model("mixtral"), tmp_path / "quantized", quantization_config=quantization
+    )
     with pytest.raises(ValueError) as error:
-        engine_config(str(model), additional_config=WIDEEP)
+        engine_config(model, additional_config=WIDEEP)
     message = str(error.value)
     quantized_as = message.split("its checkpoint is quantized as ", 1)[1].split(". ", 1)[0]
     assert name in quantized_as, message  # MXFP4 is also named by its family

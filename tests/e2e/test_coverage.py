@@ -12,7 +12,6 @@ Stock vLLM runs every model in one process, wide EP every TP 2 model in one othe
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from benchmarks.coverage import (
     wideep_cases,
 )
 from tests.e2e.compare import assert_greedy_parity
-from tests.e2e.launch import REPO, Server, e2e_env, server_complete
+from tests.e2e.launch import REPO, Server, e2e_env, server_complete, with_config
 from tests.e2e.reference import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -86,33 +85,13 @@ def test_gpt_oss_served_over_dp2_while_rebalancing(models, stock):
             assert counters["failures"] == 0, (layer, counters)
 
 
-def test_mxfp4_gpt_oss_is_refused_naming_mxfp4(models, tmp_path, monkeypatch):
+def test_mxfp4_gpt_oss_is_refused_naming_mxfp4(models, tmp_path, engine_config):
     """Real gpt-oss checkpoints are MXFP4: the engine config is refused before any
     weight loads, naming the format (the config is enough, weights are never read)."""
-    source = Path(models[SERVED_MODEL][0])
-    model = tmp_path / "gpt-oss-mxfp4"
-    model.mkdir()
-    for path in source.iterdir():
-        if path.name != "config.json":
-            (model / path.name).symlink_to(path)
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
-    (model / "config.json").write_text(json.dumps(config))
-
-    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    saved = dict(os.environ)
-    from vllm.engine.arg_utils import EngineArgs
-
-    try:
-        with pytest.raises(ValueError, match=r"quantized as MXFP4") as error:
-            EngineArgs(
-                model=str(model),
-                enforce_eager=True,
-                additional_config={"wideep": {"enabled": True}},
-            ).create_engine_config()
-    finally:
-        # vLLM's CPU platform writes os.environ while it builds the config; later tests
-        # copy os.environ into their vLLM children.
-        os.environ.clear()
-        os.environ.update(saved)
+    mxfp4 = {"quant_method": "mxfp4"}
+    model = with_config(
+        models[SERVED_MODEL][0], tmp_path / "gpt-oss-mxfp4", quantization_config=mxfp4
+    )
+    with pytest.raises(ValueError, match=r"quantized as MXFP4") as error:
+        engine_config(model, additional_config={"wideep": {"enabled": True}})
     assert "vllm_wideep:" in str(error.value) and "Drop --enable-wideep" in str(error.value)
