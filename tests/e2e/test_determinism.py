@@ -1,11 +1,12 @@
 """The same requests give bit-identical logprobs under wide EP, as in stock vLLM: EP 2
-(through TP 2, LLM class, the default `alltoall` exchange), float32 and bfloat16, the batch
-run again in the same engine, its prompts sent one at a time (other batches: a token's
-output must not depend on what else was scheduled with it) and in a fresh engine
-(docs/token-exchange.md#determinism).
+(through TP 2, LLM class, the default `alltoall` exchange), the batch run again in the same
+engine, its prompts sent one at a time (other batches: a token's output must not depend on
+what else was scheduled with it) and in a fresh engine (docs/token-exchange.md#determinism).
+Qwen3-MoE in float32; DeepSeek-V3 in bfloat16, whose TP-sharded shared experts are added
+to the routed output, in an order that must not depend on which TP rank dispatched a token.
 
 The child process (this file run as a script) prints one JSON line per engine:
-    python tests/e2e/test_determinism.py '{"model": ..., "dtypes": [...]}'
+    python tests/e2e/test_determinism.py '{"engines": [[model, dtype], ...]}'
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def _child(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
-    for dtype in spec["dtypes"]:
+    for model, dtype in spec["engines"]:
         llm = LLM(
-            model=spec["model"],
+            model=model,
             dtype=dtype,
             tensor_parallel_size=2,
             additional_config={"wideep": {"enabled": True}},
@@ -54,32 +55,33 @@ def _child(spec: dict) -> None:
                 _logprobs(llm.generate([p], params, use_tqdm=False))[0] for p in PROMPTS
             ],
         }
-        print("RESULT " + json.dumps({"dtype": dtype, "runs": runs}), flush=True)
+        print("RESULT " + json.dumps({"engine": [model, dtype], "runs": runs}), flush=True)
         del llm
 
 
-def _results(model: str, dtypes: list[str]) -> dict[str, dict]:
-    """dtype -> {how: logprobs}, from one child process (one engine per dtype)."""
+def _results(engines: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """(model, dtype) -> {how: logprobs}, from one child process (the engines in turn)."""
     # Imported here: the child runs this file as a script, without the repository root
     # on its path.
     from tests.e2e.launch import e2e_env, run_group
 
-    spec = json.dumps({"model": model, "dtypes": dtypes})
+    spec = json.dumps({"engines": engines})
     output = run_group([sys.executable, __file__, spec], e2e_env(num_ranks=2), timeout=600)
     lines = [x.removeprefix("RESULT ") for x in output.splitlines() if x.startswith("RESULT ")]
-    return {line["dtype"]: line["runs"] for line in map(json.loads, lines)}
+    return {tuple(line["engine"]): line["runs"] for line in map(json.loads, lines)}
 
 
 @pytest.mark.slow
 def test_reruns_are_bit_identical(tiny_model):
-    model = tiny_model("qwen3_moe")
-    first = _results(model, ["float32", "bfloat16"])
-    fresh = _results(model, ["bfloat16"])
-    assert sorted(first) == ["bfloat16", "float32"] and list(fresh) == ["bfloat16"]
-    for dtype, runs in first.items():
+    qwen = (tiny_model("qwen3_moe"), "float32")
+    deepseek = (tiny_model("deepseek_v3"), "bfloat16")
+    first = _results([qwen, deepseek])
+    fresh = _results([deepseek])
+    assert list(first) == [qwen, deepseek] and list(fresh) == [deepseek]
+    for engine, runs in first.items():
         for how, logprobs in runs.items():
-            assert logprobs == runs["batch"], f"{dtype}: {how} differs from the first batch"
-    assert fresh["bfloat16"]["batch"] == first["bfloat16"]["batch"], "a fresh engine differs"
+            assert logprobs == runs["batch"], f"{engine}: {how} differs from the first batch"
+    assert fresh[deepseek]["batch"] == first[deepseek]["batch"], "a fresh engine differs"
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ MOE_FIELDS_HONOURED: dict[str, str] = {
 MOE_FIELDS_REFUSED: dict[str, tuple] = {
     "moe_backend": ("auto",),  # the wide-EP experts replace vLLM's backends
     "is_lora_enabled": (False,),  # no LoRA in the wide-EP experts
-    "skip_final_all_reduce": (False,),  # finalize relies on the runner's TP all-reduce
+    "skip_final_all_reduce": (False,),  # vLLM allows it only with an un-reduced output
     "activation_situ_beta": (None,),  # SiTU is not computed
     "activation_situ_linear_beta": (None,),
     # ROCm AITER experts (vLLM sets the first two to None where AITER is absent)
@@ -219,12 +219,14 @@ def _make_prepare_finalize(
     )
     if isinstance(dispatcher, CapacityDispatcher):
         _log_capacity(dispatcher, moe, config)
+    tp_group = get_tp_group()
     if moe.moe_parallel_config.is_sequence_parallel:
         token_slice = TokenSlice(rank=0, size=1)  # vLLM already split the tokens
     else:
-        tp_group = get_tp_group()
         token_slice = TokenSlice(tp_group.rank_in_group, tp_group.world_size)
-    return WideEPPrepareAndFinalize(dispatcher, token_slice, ep_group.world_size, slots=slots)
+    return WideEPPrepareAndFinalize(
+        dispatcher, token_slice, ep_group.world_size, slots=slots, tp_group=tp_group
+    )
 
 
 _capacity_logged = False

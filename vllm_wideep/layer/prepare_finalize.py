@@ -1,9 +1,15 @@
 """vLLM's [Quantize-Dispatch] and [Combine] steps, done by a wide-EP `Dispatcher`.
 
 Tensor-parallel ranks hold the same tokens (attention output is all-reduced before the
-MoE), so each TP rank dispatches only its slice of them. `finalize` writes that slice and
-zeros elsewhere; the MoE runner's TP all-reduce, which it runs anyway for the TP-sharded
-shared experts, then adds the slices together. That is why `output_is_reduced()` is False.
+MoE), so each TP rank dispatches only its slice of them. `finalize` all-gathers the
+combined slices over TP, so every TP rank holds the whole routed output and
+`output_is_reduced()` is True: vLLM then all-reduces only the TP-sharded shared experts'
+output and adds the routed output after that, `(s_0 + s_1) + routed`. Writing each slice
+with zeros elsewhere and letting vLLM all-reduce `shared + routed` would add a token's
+routed output on the TP rank that dispatched it, `(s_0 + routed) + s_1` or
+`s_0 + (s_1 + routed)`; which rank that is depends on the batch size, so the low bits of
+a token's output would depend on what else was scheduled with it. The gather also moves
+fewer bytes than that all-reduce.
 When vLLM already splits tokens across TP ranks (sequence-parallel MoE), no slicing.
 """
 
@@ -26,10 +32,27 @@ class TokenSlice:
     rank: int
     size: int
 
+    def per_rank(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.size)
+
     def bounds(self, num_tokens: int) -> tuple[int, int]:
-        per_rank = -(-num_tokens // self.size)
+        per_rank = self.per_rank(num_tokens)
         start = min(self.rank * per_rank, num_tokens)
         return start, min(start + per_rank, num_tokens)
+
+
+def gather_slices(
+    combined: torch.Tensor, token_slice: TokenSlice, num_tokens: int, tp_group
+) -> torch.Tensor:
+    """combined `[end - start, H]`, this rank's slice -> `[num_tokens, H]`, every slice in
+    token order, the same on every TP rank (`tp_group`: vLLM's GroupCoordinator). Slices
+    are padded to one size for the fixed-size all-gather."""
+    if token_slice.size == 1:
+        return combined
+    per_rank = token_slice.per_rank(num_tokens)
+    padded = combined.new_zeros(per_rank, combined.shape[1])
+    padded[: combined.shape[0]] = combined
+    return tp_group.all_gather(padded, dim=0)[:num_tokens]
 
 
 @dataclass(frozen=True)
@@ -41,12 +64,20 @@ class _Pending:
 
 class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     def __init__(
-        self, dispatcher: Dispatcher, token_slice: TokenSlice, ep_size: int, slots: ExpertSlots
+        self,
+        dispatcher: Dispatcher,
+        token_slice: TokenSlice,
+        ep_size: int,
+        slots: ExpertSlots,
+        tp_group=None,
     ):
+        """tp_group: vLLM's TP GroupCoordinator, to gather the slices (None: no slicing)."""
         super().__init__()
+        assert token_slice.size == 1 or tp_group is not None
         self.dispatcher = dispatcher
         self.slots = slots
         self.token_slice = token_slice
+        self.tp_group = tp_group
         self.ep_size = ep_size
         self._pending: _Pending | None = None
 
@@ -64,7 +95,7 @@ class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         return self.ep_size
 
     def output_is_reduced(self) -> bool:
-        return False
+        return True  # every TP rank holds the whole routed output (`gather_slices`)
 
     def prepare(
         self,
@@ -109,6 +140,4 @@ class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         assert pending is not None, "finalize without prepare"
         # `fused_expert_output` may alias `output`; combine has read it before we write.
         combined = self.dispatcher.combine(fused_expert_output, pending.handle)
-        output[: pending.start].zero_()
-        output[pending.end :].zero_()
-        output[pending.start : pending.end].copy_(combined)
+        output.copy_(gather_slices(combined, self.token_slice, output.shape[0], self.tp_group))
