@@ -1,8 +1,10 @@
 """Which MoE architectures of vLLM 0.32 wide EP serves, proven against stock vLLM.
 
 For every architecture of `vllm_wideep.tiny_models.COVERAGE_ARCHES` (and the built-in
-tiny models), a tiny random-weight float32 checkpoint generates greedily on the
-reference prompts of tests/e2e twice:
+tiny models), a tiny random-weight float32 checkpoint (bfloat16 where stock vLLM's CPU
+kernels take nothing else) generates greedily on the reference prompts of tests/e2e
+twice, with `trust_remote_code` for the checkpoints that carry their own configuration
+file:
 
 * stock vLLM at TP 1, the plugin not even loaded (`VLLM_PLUGINS=""`), in one process
   for all models (in-process engines, each model in turn);
@@ -13,6 +15,8 @@ A child process that dies takes only the model it was running: the others go on 
 new one. Each architecture gets one status:
 
 * ``identical``: the same tokens, logprobs within float32 noise (tests/e2e/compare.py);
+  a model that runs in another dtype (``CoverageArch.dtype``) says so and names the
+  logprob tolerance it met;
 * ``refused: <reason>``: the plugin's own error (a message starting ``vllm_wideep:``);
 * ``stock vLLM cannot run it on CPU: <reason>``: stock vLLM at TP 1 fails;
 * ``differs`` or ``fails under wide EP``: a bug of the plugin, with the evidence.
@@ -43,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.e2e.compare import assert_greedy_parity  # noqa: E402
+from tests.e2e.compare import TOLERANCES, assert_greedy_parity  # noqa: E402
 from tests.e2e.reference import PROMPTS  # noqa: E402
 from tools.launch import CHILD_GROUPS, e2e_env  # noqa: E402
 
@@ -82,7 +86,7 @@ def _child(cases: list[dict]) -> None:
         try:
             llm = LLM(
                 model=case["model"],
-                dtype=DTYPE,
+                dtype=case["dtype"],
                 max_model_len=256,
                 enforce_eager=True,
                 seed=0,
@@ -204,8 +208,9 @@ class Row:
     detail: str = ""
 
 
-def classify(name: str, architecture: str, stock: dict, wideep: dict) -> Row:
-    """The table row of one architecture from its stock TP 1 and wide-EP results."""
+def classify(name: str, architecture: str, stock: dict, wideep: dict, dtype: str = DTYPE) -> Row:
+    """The table row of one architecture from its stock TP 1 and wide-EP results in
+    ``dtype`` (which sets compare.py's tolerances)."""
     if "error" in stock:
         why = last_error(stock.get("log", stock["error"]))
         return Row(name, architecture, f"stock vLLM cannot run it on CPU: {_short(why)}")
@@ -218,12 +223,15 @@ def classify(name: str, architecture: str, stock: dict, wideep: dict) -> Row:
         why = "its logprobs on this tiny checkpoint are NaN (no reference to compare with)"
         return Row(name, architecture, f"stock vLLM cannot run it on CPU: {why}")
     try:
-        parity = assert_greedy_parity(stock, wideep, DTYPE)
+        parity = assert_greedy_parity(stock, wideep, dtype)
     except AssertionError as error:
         return Row(name, architecture, "differs", _short(str(error)))
     if parity.forks:
         return Row(name, architecture, "identical up to near-ties", f"forks {parity.forks}")
     tokens = sum(len(t) for t in stock["tokens"])
+    if dtype != DTYPE:  # not float32 noise: say which tolerance it met
+        tolerance = TOLERANCES[dtype][1]
+        return Row(name, architecture, f"identical in {dtype} (logprobs within {tolerance})")
     return Row(name, architecture, "identical", f"{tokens} tokens")
 
 
@@ -242,17 +250,35 @@ def build_models(names: list[str], root: Path) -> dict[str, tuple[str, str]]:
             path = build_tiny_model(root / name, name, dtype=DTYPE)
             models[name] = (str(path), BUILT_IN[name])
         else:
-            path = build_coverage_model(root / name, name, dtype=DTYPE)
+            path = build_coverage_model(root / name, name, dtype=model_dtype(name))
             models[name] = (str(path), COVERAGE_ARCHES[name].architecture)
     return models
 
 
+def model_dtype(name: str) -> str:
+    """The dtype model ``name`` runs in: float32 but where stock vLLM's CPU kernels need
+    another (``CoverageArch.dtype``)."""
+    from vllm_wideep.tiny_models import COVERAGE_ARCHES
+
+    return COVERAGE_ARCHES[name].dtype if name in COVERAGE_ARCHES else DTYPE
+
+
+def _case(name: str, model: str, engine: dict) -> dict:
+    """One child case: remote-code configs get ``trust_remote_code`` (the code is the
+    checkpoint's own file, nothing is downloaded)."""
+    from vllm_wideep.tiny_models import COVERAGE_ARCHES
+
+    if name in COVERAGE_ARCHES and COVERAGE_ARCHES[name].trust_remote_code:
+        engine = {**engine, "trust_remote_code": True}
+    return {"name": name, "model": model, "dtype": model_dtype(name), "engine": engine}
+
+
 def stock_cases(models: dict[str, tuple[str, str]]) -> list[dict]:
-    return [{"name": n, "model": m, "engine": {}} for n, (m, _) in models.items()]
+    return [_case(n, m, {}) for n, (m, _) in models.items()]
 
 
 def wideep_cases(models: dict[str, tuple[str, str]]) -> list[dict]:
-    return [{"name": n, "model": m, "engine": WIDEEP_TP2} for n, (m, _) in models.items()]
+    return [_case(n, m, WIDEEP_TP2) for n, (m, _) in models.items()]
 
 
 STOCK_ENV = {"VLLM_PLUGINS": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -265,7 +291,7 @@ def coverage(names: list[str], root: Path) -> list[Row]:
     runnable = {n: models[n] for n in models if "error" not in stock[n]}
     wideep = run_cases(wideep_cases(runnable), e2e_env(num_ranks=2)) if runnable else {}
     return [
-        classify(name, arch, stock[name], wideep.get(name, {"error": "not run"}))
+        classify(name, arch, stock[name], wideep.get(name, {"error": "not run"}), model_dtype(name))
         for name, (_, arch) in models.items()
     ]
 

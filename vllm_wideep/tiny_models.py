@@ -28,13 +28,21 @@ dense           Qwen3ForCausalLM        2       none (for "this model has no exp
 ==============  ======================  ======  ==================================================
 
 Coverage models (``COVERAGE_ARCHES``, ``build_coverage_model(out_dir, name)``, default
-float32): one tiny checkpoint per MoE architecture of vLLM that transformers has a class
-for, for the coverage table of ``docs/coverage.md`` (``benchmarks/coverage.py``). Each is
-data, not code: vLLM's architecture name, transformers' config and model classes, and the
-keys in which it differs from ``COVERAGE_SIZES`` (the sizes every config class takes under
-its own names: 2 layers, hidden 128, 8 experts of 64, top-2, MLA 512 + 64), plus the keys
-only vLLM reads (remote-code configs: ``score_func``, ``first_k_dense_replace``, ...).
-Weights are drawn by shape (``_reinit_coverage_weights``) and saved by transformers.
+float32): one tiny checkpoint per MoE architecture of vLLM, for the coverage table of
+``docs/coverage.md`` (``benchmarks/coverage.py``). Each is data, not code: vLLM's
+architecture name, transformers' config and model classes, and the keys in which it
+differs from ``COVERAGE_SIZES`` (the sizes every config class takes under its own names:
+2 layers, hidden 128, 8 experts of 64, top-2, MLA 512 + 64), plus the keys only vLLM reads
+(remote-code configs: ``score_func``, ``first_k_dense_replace``, ...). Weights are drawn by
+shape (``_reinit_coverage_weights``) and saved by transformers.
+
+Architectures that transformers has no class for (Ling, DeepSeek V1, Step-3 / 3.5,
+Param2MoE, Sarvam-MoE) take their config from the class vLLM ships (``"vllm.<Class>"``) or
+from a ``configuration_wideep_tiny.py`` written into the checkpoint (``"remote.<model
+type>"``, a bare ``PretrainedConfig`` that vLLM loads with ``trust_remote_code``, nothing
+downloaded), and their tensors from a layout function that lists the names and shapes
+vLLM's model file loads (``_bailing_layout``, ...), drawn by the same rules
+(``_coverage_value``) and saved with safetensors.
 
 Every model has hidden size 128 and a vocabulary of ``VOCAB_SIZE`` = 1024 tokens.
 The constraints come from vLLM's CPU kernels:
@@ -801,6 +809,22 @@ COVERAGE_SIZES: dict[str, Any] = {
 }
 
 
+# A checkpoint's tensors by name: shape, for the models without a transformers class.
+TensorLayout = dict[str, tuple[int, ...]]
+# Config prefixes: a config class that vLLM ships (``vllm.transformers_utils.configs``),
+# or one that exists only as the model's remote code (``remote.<model_type>``).
+_VLLM_CONFIG, _REMOTE_CONFIG = "vllm.", "remote."
+# The remote-code configuration written beside a remote config's config.json.
+REMOTE_CONFIG_MODULE, REMOTE_CONFIG_CLASS = "configuration_wideep_tiny", "WideepTinyConfig"
+_REMOTE_CONFIG_SOURCE = """\
+from transformers import PretrainedConfig
+
+
+class {cls}(PretrainedConfig):
+    model_type = "{model_type}"
+"""
+
+
 @dataclass(frozen=True)
 class CoverageArch:
     """One MoE architecture of vLLM as a tiny checkpoint: ``architecture`` (vLLM's
@@ -808,20 +832,256 @@ class CoverageArch:
     ``COVERAGE_SIZES`` and ``overrides`` (which win), weights drawn for transformers'
     ``model_class``. ``extra_config``: keys only vLLM reads, set after the config is built;
     ``drop_tensors``: names (a regex) that transformers writes but the released checkpoints
-    do not have."""
+    do not have.
+
+    Models that transformers has no class for: ``config_class`` ``"vllm.<Class>"`` is the
+    config class vLLM ships; ``"remote.<model_type>"`` a config that exists only as remote
+    code, written as ``configuration_wideep_tiny.py`` (a ``PretrainedConfig`` of that
+    ``model_type``, ``auto_map``-ed, loaded with ``trust_remote_code``) with ``_COMMON``,
+    ``REMOTE_SIZES`` and ``overrides``. ``layout(config)`` then lists the checkpoint's
+    tensors (the names vLLM's model file loads), drawn by the same rules. ``dtype``: the
+    one the coverage table runs it in."""
 
     architecture: str
     config_class: str
-    model_class: str
+    model_class: str = ""
     overrides: Mapping[str, Any] = field(default_factory=dict)
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     drop_tensors: str = ""  # regex: tensors transformers writes that vLLM does not load
+    layout: Callable[[PretrainedConfig], TensorLayout] | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if bool(self.model_class) == (self.layout is not None):
+            raise ValueError(
+                f"{self.architecture}: give transformers' model_class or a layout, one of "
+                f"them (model_class={self.model_class!r}, layout={self.layout!r})"
+            )
+        if self.dtype not in TINY_DTYPES:
+            raise ValueError(f"{self.architecture}: dtype {self.dtype!r} not in {TINY_DTYPES}")
+
+    @property
+    def trust_remote_code(self) -> bool:
+        """Whether vLLM must load the config with ``trust_remote_code``."""
+        return self.config_class.startswith(_REMOTE_CONFIG)
 
 
 _MLA_NO_GROUPS = {"n_group": 1, "topk_group": 1}
 # Configs that list each layer's MLP kind (transformers 5) for models that vLLM reads
 # first_k_dense_replace from: every layer MoE in both.
 _ALL_SPARSE = {"mlp_layer_types": ["sparse", "sparse"]}
+
+# Sizes every remote config takes (it has no class defaults to filter COVERAGE_SIZES by).
+REMOTE_SIZES: dict[str, Any] = {
+    "num_hidden_layers": 3,  # layer 0 dense, as the released models: two MoE layers
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 64,
+    "num_experts_per_tok": 2,
+    "hidden_act": "silu",
+    "rope_theta": 10000.0,
+}
+
+
+def _mlp_layout(prefix: str, hidden: int, intermediate: int) -> TensorLayout:
+    """A SwiGLU MLP's ``gate_proj``, ``up_proj``, ``down_proj`` under ``prefix``."""
+    return {
+        f"{prefix}.gate_proj.weight": (intermediate, hidden),
+        f"{prefix}.up_proj.weight": (intermediate, hidden),
+        f"{prefix}.down_proj.weight": (hidden, intermediate),
+    }
+
+
+def _experts_layout(prefix: str, num_experts: int, hidden: int, intermediate: int) -> TensorLayout:
+    """Experts one MLP each: ``{prefix}.{e}.{gate,up,down}_proj.weight``."""
+    layout: TensorLayout = {}
+    for expert in range(num_experts):
+        layout.update(_mlp_layout(f"{prefix}.{expert}", hidden, intermediate))
+    return layout
+
+
+def _decoder_layout(
+    config: PretrainedConfig, embed: str, layer: Callable[[str, int], TensorLayout]
+) -> TensorLayout:
+    """Embedding ``model.{embed}``, final norm, LM head, and ``layer(prefix, index)`` for
+    each decoder layer with its two norms."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    layout: TensorLayout = {
+        f"model.{embed}.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
+    for index in range(config.num_hidden_layers):
+        prefix = f"model.layers.{index}"
+        layout[f"{prefix}.input_layernorm.weight"] = (hidden,)
+        layout[f"{prefix}.post_attention_layernorm.weight"] = (hidden,)
+        layout.update(layer(prefix, index))
+    return layout
+
+
+def _bailing_layout(config: PretrainedConfig) -> TensorLayout:
+    """BailingMoe / V2 (``bailing_moe.py``): fused ``attention.query_key_value``,
+    ``attention.dense``, per-head q/k norms (V2), ``mlp.gate`` with an ``expert_bias``
+    (V2), routed and shared experts."""
+    c, hidden, head = config, config.hidden_size, config.head_dim
+
+    def layer(prefix: str, index: int) -> TensorLayout:
+        qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * head
+        layout = {
+            f"{prefix}.attention.query_key_value.weight": (qkv, hidden),
+            f"{prefix}.attention.dense.weight": (hidden, c.num_attention_heads * head),
+        }
+        if getattr(c, "use_qk_norm", False):
+            layout[f"{prefix}.attention.query_layernorm.weight"] = (head,)
+            layout[f"{prefix}.attention.key_layernorm.weight"] = (head,)
+        mlp = f"{prefix}.mlp"
+        if index < c.first_k_dense_replace:
+            return {**layout, **_mlp_layout(mlp, hidden, c.intermediate_size)}
+        layout[f"{mlp}.gate.weight"] = (c.num_experts, hidden)
+        if getattr(c, "moe_router_enable_expert_bias", False):
+            layout[f"{mlp}.gate.expert_bias"] = (c.num_experts,)
+        layout.update(
+            _experts_layout(f"{mlp}.experts", c.num_experts, hidden, c.moe_intermediate_size)
+        )
+        shared = c.moe_shared_expert_intermediate_size * c.num_shared_experts
+        return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared)}
+
+    return _decoder_layout(config, "word_embeddings", layer)
+
+
+def _deepseek_layout(config: PretrainedConfig) -> TensorLayout:
+    """DeepSeek V1 (``DeepseekForCausalLM`` of ``deepseek_v2.py``, model type
+    ``deepseek``): multi-head attention ``self_attn.{q,k,v,o}_proj``, ``mlp.gate``,
+    routed experts and ``mlp.shared_experts``."""
+    c, hidden, head = config, config.hidden_size, config.head_dim
+
+    def layer(prefix: str, index: int) -> TensorLayout:
+        layout = _attention_layout(
+            f"{prefix}.self_attn", hidden, c.num_attention_heads, c.num_key_value_heads, head
+        )
+        mlp = f"{prefix}.mlp"
+        if index < c.first_k_dense_replace:
+            return {**layout, **_mlp_layout(mlp, hidden, c.intermediate_size)}
+        layout[f"{mlp}.gate.weight"] = (c.n_routed_experts, hidden)
+        layout.update(
+            _experts_layout(f"{mlp}.experts", c.n_routed_experts, hidden, c.moe_intermediate_size)
+        )
+        shared = c.moe_intermediate_size * c.n_shared_experts
+        return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared)}
+
+    return _decoder_layout(config, "embed_tokens", layer)
+
+
+def _attention_layout(
+    prefix: str, hidden: int, heads: int, kv_heads: int, head: int
+) -> TensorLayout:
+    """``{q,k,v,o}_proj`` of grouped-query attention under ``prefix``."""
+    return {
+        f"{prefix}.q_proj.weight": (heads * head, hidden),
+        f"{prefix}.k_proj.weight": (kv_heads * head, hidden),
+        f"{prefix}.v_proj.weight": (kv_heads * head, hidden),
+        f"{prefix}.o_proj.weight": (hidden, heads * head),
+    }
+
+
+def _step3_layout(config: PretrainedConfig) -> TensorLayout:
+    """Step-3 (``step3_text.py``): attention with one KV head and a low-rank query
+    (``q_proj`` to ``share_q_dim``, ``inter_norm``, ``wq`` to the heads); the layers of
+    ``moe_layers_enum`` have ``moe.gate``, the routed experts packed as
+    ``moe.{gate,up,down}_proj.weight`` ``[E, out, in]`` and a ``share_expert`` beside
+    the MoE, the others a dense ``mlp``."""
+    c, hidden, head = config, config.hidden_size, config.head_dim
+    moe_layers = {int(i) for i in c.moe_layers_enum.split(",")}
+
+    def layer(prefix: str, index: int) -> TensorLayout:
+        attention = f"{prefix}.self_attn"
+        layout = {
+            f"{attention}.q_proj.weight": (c.share_q_dim, hidden),
+            f"{attention}.k_proj.weight": (head, hidden),
+            f"{attention}.v_proj.weight": (head, hidden),
+            f"{attention}.inter_norm.weight": (c.share_q_dim,),
+            f"{attention}.wq.weight": (c.num_attention_heads * head, c.share_q_dim),
+            f"{attention}.o_proj.weight": (hidden, c.num_attention_heads * head),
+        }
+        if index not in moe_layers:
+            return {**layout, **_mlp_layout(f"{prefix}.mlp", hidden, c.intermediate_size)}
+        layout.update(_packed_experts_layout(f"{prefix}.moe", c))
+        return {**layout, **_mlp_layout(f"{prefix}.share_expert", hidden, c.share_expert_dim)}
+
+    return _decoder_layout(config, "embed_tokens", layer)
+
+
+def _packed_experts_layout(prefix: str, config: PretrainedConfig) -> TensorLayout:
+    """Step's MoE: ``gate`` and the routed experts packed as ``{gate,up,down}_proj.weight``
+    ``[E, out, in]``."""
+    experts, hidden, inter = (
+        config.moe_num_experts,
+        config.hidden_size,
+        config.moe_intermediate_size,
+    )
+    return {
+        f"{prefix}.gate.weight": (experts, hidden),
+        f"{prefix}.gate_proj.weight": (experts, inter, hidden),
+        f"{prefix}.up_proj.weight": (experts, inter, hidden),
+        f"{prefix}.down_proj.weight": (experts, hidden, inter),
+    }
+
+
+def _step3p5_layout(config: PretrainedConfig) -> TensorLayout:
+    """Step-3.5 (``step3p5.py``): q/k norms and a head-wise gate ``g_proj`` in attention;
+    layer 0 dense, the others ``moe.gate``, ``moe.router_bias``, the routed experts packed
+    as ``moe.{gate,up,down}_proj.weight`` ``[E, out, in]`` and ``moe.share_expert``."""
+    c, hidden, head = config, config.hidden_size, config.head_dim
+
+    def layer(prefix: str, index: int) -> TensorLayout:
+        attention = f"{prefix}.self_attn"
+        heads, kv_heads = c.num_attention_heads, c.num_attention_groups
+        layout = _attention_layout(attention, hidden, heads, kv_heads, head)
+        layout[f"{attention}.q_norm.weight"] = (head,)
+        layout[f"{attention}.k_norm.weight"] = (head,)
+        if c.use_head_wise_attn_gate:
+            layout[f"{attention}.g_proj.weight"] = (c.num_attention_heads, hidden)
+        if index == 0:
+            return {**layout, **_mlp_layout(f"{prefix}.mlp", hidden, c.intermediate_size)}
+        moe = f"{prefix}.moe"
+        layout.update(_packed_experts_layout(moe, c))
+        layout[f"{moe}.router_bias"] = (c.moe_num_experts,)
+        return {**layout, **_mlp_layout(f"{moe}.share_expert", hidden, c.share_expert_dim)}
+
+    return _decoder_layout(config, "embed_tokens", layer)
+
+
+# Ling 2.0 (BailingMoeV2): sigmoid scores with an expert bias, grouped top-k, q/k norms,
+# partial RoPE; Param2MoE and Sarvam-MoE take the same config keys.
+_BAILING_V2 = {
+    "num_experts": 8,
+    "num_shared_experts": 1,
+    "moe_shared_expert_intermediate_size": 64,
+    "n_group": 4,
+    "topk_group": 2,
+    "score_function": "sigmoid",
+    "moe_router_enable_expert_bias": True,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "router_dtype": "fp32",
+    "use_qk_norm": True,
+    "use_rmsnorm": True,
+    "partial_rotary_factor": 0.5,
+    "use_bias": False,
+    "use_qkv_bias": False,
+    "embedding_dropout": 0.0,
+}
+# Gated DeltaNet heads: vLLM's CPU GDN kernel takes head size 128 only ("Unexpected head
+# dim size, 32"), as the released Qwen3-Next and Qwen3.5 have; Qwen4-Exp takes the same keys.
+_GDN_HEADS = {
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
 COVERAGE_ARCHES: dict[str, CoverageArch] = {
     "afmoe": CoverageArch(
         "AfmoeForCausalLM",
@@ -830,6 +1090,28 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
         extra_config={"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
     ),
     "axk1": CoverageArch("AXK1ForCausalLM", "AXK1Config", "AXK1ForCausalLM", _MLA_NO_GROUPS),
+    "bailing_moe": CoverageArch(
+        "BailingMoeForCausalLM",
+        "remote.bailing_moe",
+        overrides={  # Ling-lite: softmax routing, 2 shared experts, every layer MoE
+            "first_k_dense_replace": 0,
+            "num_hidden_layers": 2,
+            "num_experts": 8,
+            "num_shared_experts": 2,
+            "moe_shared_expert_intermediate_size": 64,
+            "norm_topk_prob": True,
+            "use_bias": False,
+            "use_qkv_bias": False,
+            "embedding_dropout": 0.0,
+        },
+        layout=_bailing_layout,
+    ),
+    "bailing_moe_v2": CoverageArch(
+        "BailingMoeV2ForCausalLM",
+        "remote.bailing_moe_v2",
+        overrides=_BAILING_V2,
+        layout=_bailing_layout,
+    ),
     "cohere2_moe": CoverageArch(
         "Cohere2MoeForCausalLM", "Cohere2MoeConfig", "Cohere2MoeForCausalLM"
     ),
@@ -845,6 +1127,24 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0},
             "ffn_config": {"ffn_hidden_size": 64, "moe_num_experts": 8, "moe_top_k": 2},
         },
+    ),
+    "deepseek": CoverageArch(
+        "DeepseekForCausalLM",
+        "remote.deepseek",
+        overrides={  # DeepSeekMoE 16B: multi-head attention, softmax, 2 shared experts
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8,
+            "n_shared_experts": 2,
+            "moe_layer_freq": 1,
+            "norm_topk_prob": False,
+            "scoring_func": "softmax",
+            "topk_method": "greedy",
+            "attention_bias": False,
+        },
+        layout=_deepseek_layout,
+    ),
+    "deepseek_v32": CoverageArch(
+        "DeepseekV32ForCausalLM", "DeepseekV32Config", "DeepseekV32ForCausalLM", _MLA_NO_GROUPS
     ),
     "deepseek_v2": CoverageArch(
         "DeepseekV2ForCausalLM",
@@ -920,6 +1220,7 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
         _ALL_SPARSE,
         {"first_k_dense_replace": 0, "expert_hidden_dim": 64, "route_norm": True, "qk_norm": True},
     ),
+    "hy_v4": CoverageArch("HYV4ForCausalLM", "HYV4Config", "HYV4ForCausalLM"),
     "jamba": CoverageArch(
         "JambaForCausalLM",
         "JambaConfig",
@@ -991,6 +1292,9 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
         {"intermediate_size": 64},
         {"rotary_dim": 32, "scoring_func": "sigmoid", "use_routing_bias": True},
     ),
+    "minimax_m3": CoverageArch(
+        "MiniMaxM3SparseForCausalLM", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM"
+    ),
     "nemotron_h": CoverageArch(
         "NemotronHForCausalLM",
         "NemotronHConfig",
@@ -1006,31 +1310,74 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
     "olmoe": CoverageArch(
         "OlmoeForCausalLM", "OlmoeConfig", "OlmoeForCausalLM", {"intermediate_size": 64}
     ),
+    "param2moe": CoverageArch(
+        "Param2MoEForCausalLM",
+        "remote.param2moe",
+        overrides=_BAILING_V2,
+        layout=_bailing_layout,  # the same checkpoint names as BailingMoe
+    ),
     "phimoe": CoverageArch(
         "PhiMoEForCausalLM", "PhimoeConfig", "PhimoeForCausalLM", {"intermediate_size": 64}
     ),
     "qwen2_moe": CoverageArch("Qwen2MoeForCausalLM", "Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "step3p5": CoverageArch(
+        "Step3p5ForCausalLM",
+        "vllm.Step3p5Config",
+        overrides={  # Step-3.5-Flash: sigmoid scores with a router bias, head-wise gate
+            "num_hidden_layers": 3,
+            "num_attention_groups": 2,
+            "moe_top_k": 2,
+            "share_expert_dim": 64,
+            "moe_router_activation": "sigmoid",
+            "use_moe_router_bias": True,
+            "use_head_wise_attn_gate": True,
+            "rope_theta": 10000.0,
+            "bos_token_id": EOS_TOKEN_ID,
+            "eos_token_id": EOS_TOKEN_ID,
+        },
+        layout=_step3p5_layout,
+    ),
+    "sarvam_moe": CoverageArch(
+        "SarvamMoEForCausalLM",
+        "remote.sarvam_moe",
+        overrides=_BAILING_V2,
+        layout=_bailing_layout,  # vLLM's SarvamMoEForCausalLM is its BailingMoeForCausalLM
+    ),
+    "step3_text": CoverageArch(
+        "Step3TextForCausalLM",
+        "vllm.Step3TextConfig",
+        overrides={  # Step-3: one KV head, low-rank query, softmax routing
+            "num_hidden_layers": 3,
+            "num_attention_groups": 1,
+            "share_q_dim": 64,
+            "moe_num_experts": 8,
+            "moe_top_k": 2,
+            "moe_layers_enum": "1,2",
+            "share_expert_dim": 64,
+            "max_position_embedding": MAX_POSITION_EMBEDDINGS,
+            "max_seq_len": MAX_POSITION_EMBEDDINGS,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "bos_token_id": EOS_TOKEN_ID,
+            "eos_token_id": EOS_TOKEN_ID,
+        },
+        layout=_step3_layout,
+    ),
+    "qwen4_exp": CoverageArch(
+        "Qwen4ExpForCausalLM", "Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", _GDN_HEADS
+    ),
     "qwen3_next": CoverageArch(
         "Qwen3NextForCausalLM",
         "Qwen3NextConfig",
         "Qwen3NextForCausalLM",
-        {
-            "linear_key_head_dim": 32,
-            "linear_value_head_dim": 32,
-            "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4,
-        },
+        _GDN_HEADS,
+        dtype="bfloat16",  # the CPU GDN kernel takes BF16 only
     ),
     "qwen3_5_moe": CoverageArch(
         "Qwen3_5MoeForCausalLM",
         "Qwen3_5MoeTextConfig",
         "Qwen3_5MoeForCausalLM",
-        {
-            "linear_key_head_dim": 32,
-            "linear_value_head_dim": 32,
-            "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4,
-        },
+        _GDN_HEADS,
+        dtype="bfloat16",  # the CPU GDN kernel takes BF16 only
     ),
 }
 
@@ -1040,14 +1387,31 @@ def coverage_config(name: str) -> PretrainedConfig:
     import transformers
 
     arch = _coverage_arch(name)
-    config_class = getattr(transformers, arch.config_class)
-    defaults = config_class().to_dict()
-    kwargs = {k: v for k, v in COVERAGE_SIZES.items() if k in defaults}
-    config = config_class(**{**kwargs, **arch.overrides})
+    if arch.trust_remote_code:
+        config_class = _remote_config_class(arch.config_class.removeprefix(_REMOTE_CONFIG))
+        config = config_class(**{**_COMMON, **REMOTE_SIZES, **arch.overrides})
+        config.auto_map = {"AutoConfig": f"{REMOTE_CONFIG_MODULE}.{REMOTE_CONFIG_CLASS}"}
+    else:
+        if arch.config_class.startswith(_VLLM_CONFIG):
+            from vllm.transformers_utils import configs
+
+            config_class = getattr(configs, arch.config_class.removeprefix(_VLLM_CONFIG))
+        else:
+            config_class = getattr(transformers, arch.config_class)
+        defaults = config_class().to_dict()
+        kwargs = {k: v for k, v in COVERAGE_SIZES.items() if k in defaults}
+        config = config_class(**{**kwargs, **arch.overrides})
     for key, value in arch.extra_config.items():
         setattr(config, key, value)
     config.architectures = [arch.architecture]
     return config
+
+
+def _remote_config_class(model_type: str) -> type[PretrainedConfig]:
+    """The class of ``_REMOTE_CONFIG_SOURCE`` for ``model_type``, here."""
+    from transformers import PretrainedConfig
+
+    return type(REMOTE_CONFIG_CLASS, (PretrainedConfig,), {"model_type": model_type})
 
 
 def _coverage_arch(name: str) -> CoverageArch:
@@ -1078,18 +1442,22 @@ def _reinit_coverage_weights(
             tensor = tensors[name]
             shape = tuple(tensor.shape)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-            leaf = name.rsplit(".", 2)[-2] if "." in name else name
-            if _is_norm(name, shape):
-                value = 1.0 + _NORM_NOISE_STD * noise
-            elif len(shape) <= 1:
-                value = _NORM_NOISE_STD * noise
-            elif (
-                len(shape) == 2 and shape[0] == num_experts and ("gate" in leaf or "router" in leaf)
-            ):
-                value = _ROUTER_STD_GAIN / shape[-1] ** 0.5 * noise
-            else:
-                value = noise / shape[-1] ** 0.5
-            tensor.copy_(value)
+            tensor.copy_(_coverage_value(name, shape, noise, num_experts))
+
+
+def _coverage_value(
+    name: str, shape: tuple[int, ...], noise: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Tensor ``name`` of a coverage model from its standard normal ``noise`` (rules of
+    ``_reinit_coverage_weights``)."""
+    leaf = name.rsplit(".", 2)[-2] if "." in name else name
+    if _is_norm(name, shape):
+        return 1.0 + _NORM_NOISE_STD * noise
+    if len(shape) <= 1:
+        return _NORM_NOISE_STD * noise
+    if len(shape) == 2 and shape[0] == num_experts and ("gate" in leaf or "router" in leaf):
+        return _ROUTER_STD_GAIN / shape[-1] ** 0.5 * noise
+    return noise / shape[-1] ** 0.5
 
 
 def _write_coverage_model(tmp: Path, name: str, dtype: str, seed: int) -> None:
@@ -1102,6 +1470,9 @@ def _write_coverage_model(tmp: Path, name: str, dtype: str, seed: int) -> None:
     config = coverage_config(name)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    if arch.layout is not None:
+        _write_layout_model(tmp, arch, config, dtype, generator)
+        return
     model = getattr(transformers, arch.model_class)(config)
     _reinit_coverage_weights(model, _num_experts(config), generator)
     model.to(getattr(torch, dtype))
@@ -1116,6 +1487,33 @@ def _write_coverage_model(tmp: Path, name: str, dtype: str, seed: int) -> None:
     # save_pretrained names transformers' class; vLLM's registry name may differ in case.
     config.architectures = [arch.architecture]
     config.save_pretrained(tmp)
+    build_tokenizer(VOCAB_SIZE).save_pretrained(tmp)
+
+
+def _write_layout_model(
+    tmp: Path, arch: CoverageArch, config: PretrainedConfig, dtype: str, generator: torch.Generator
+) -> None:
+    """A coverage model without a transformers class: the tensors of ``arch.layout``
+    drawn in name order by ``_coverage_value``, the config (and its remote code), the
+    generation config and the tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    num_experts = _num_experts(config)
+    tensors = {}
+    for name, shape in sorted(arch.layout(config).items()):
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        value = _coverage_value(name, shape, noise, num_experts)
+        tensors[name] = value.to(getattr(torch, dtype)).contiguous()
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    if arch.trust_remote_code:
+        source = _REMOTE_CONFIG_SOURCE.format(cls=REMOTE_CONFIG_CLASS, model_type=config.model_type)
+        (tmp / f"{REMOTE_CONFIG_MODULE}.py").write_text(source)
+    GenerationConfig(
+        bos_token_id=EOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID
+    ).save_pretrained(tmp)
     build_tokenizer(VOCAB_SIZE).save_pretrained(tmp)
 
 

@@ -23,6 +23,7 @@ from vllm_wideep.tiny_models import (  # noqa: E402
     VOCAB_SIZE,
     build_coverage_model,
     build_tiny_model,
+    coverage_config,
     main,
 )
 
@@ -331,3 +332,29 @@ def test_cli_writes_a_coverage_model(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main([str(tmp_path / "llama4"), "--arch", "llama4"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "llama4")
     assert _config(tmp_path / "llama4")["architectures"] == ["Llama4ForCausalLM"]
+
+
+def test_layout_coverage_models_hold_their_layout_and_load_their_config(
+    coverage_models: dict[str, Path],
+) -> None:
+    """The models without a transformers class: exactly the tensors of their layout, and
+    a config that transformers loads (remote ones from their own configuration file,
+    with ``trust_remote_code``; nothing is downloaded)."""
+    from transformers import AutoConfig
+
+    layout_models = {n: a for n, a in COVERAGE_ARCHES.items() if a.layout is not None}
+    assert {"bailing_moe_v2", "deepseek", "step3p5"} <= set(layout_models)
+    for name, arch in layout_models.items():
+        folder = coverage_models[name]
+        assert arch.layout is not None
+        tensors = _tensors(folder)
+        expected = arch.layout(coverage_config(name))
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == expected, name
+        cfg = _config(folder)
+        if arch.trust_remote_code:
+            assert cfg["auto_map"]["AutoConfig"].startswith("configuration_wideep_tiny."), name
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+            assert config.model_type == cfg["model_type"] == arch.config_class.split(".")[1]
+            assert config.num_hidden_layers == cfg["num_hidden_layers"], name
+        else:  # a config class vLLM ships: no remote code
+            assert not (folder / "configuration_wideep_tiny.py").exists(), name
