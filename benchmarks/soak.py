@@ -2,7 +2,7 @@
 against stock vLLM, then the same traffic with one injected bad expert transfer.
 
     python benchmarks/soak.py [--requests 400] [--concurrency 32] [--arch qwen3_moe]
-        [--dtype float32] [--disconnect-fraction 0.1] [--seed 0]
+        [--dtype float32] [--disconnect-fraction 0.1] [--seed 0] [--warm-up 2000]
 
 The server (`SERVE`): `vllm serve --enable-wideep --data-parallel-size 2` on the tiny
 checkpoint (EP 2, one rank per core), 2 redundant slots, a new placement planned every 4
@@ -12,8 +12,12 @@ request, prompts of 1 to 64 words and 4 to 64 output tokens drawn with `--seed`,
 `--concurrency` in flight; `--disconnect-fraction` of the clients hang up mid-stream, after
 a drawn number of chunks.
 
-Two runs on one server, after a warm-up of 2 x `--concurrency` requests drawn the same
-way (another seed):
+Two runs on one server, after a warm-up of `--warm-up` requests drawn the same way
+(another seed; `soak()` defaults to 2 x the concurrency). Resident memory of vLLM's CPU
+workers, stock vLLM's too, grows with the requests served and levels off slowly: by 30 to
+45 MiB per worker in the first 400 requests, about 20 in the fifth, 12 to 14 in the tenth
+(benchmarks/soak_memory.py, docs/benchmarks.md). 2000 warm-up requests take the RSS start
+past the steepest part.
 
     clean          the requests as drawn
     bad transfer   `wideep_fault_drill` armed on every EP rank first (the next expert
@@ -36,7 +40,8 @@ Per run, printed as a table:
                  its checksum on some rank, so every rank kept the layer's old placement
                  (the same counters; every rank counts each refusal)
     RSS          resident memory of every process of the server's process group, summed,
-                 at the start and the end of the run (MiB)
+                 at the start and the end of the run (MiB); each process's start, end and
+                 growth are printed too
     seconds      the run's wall time
     load         the 1-minute load average at its end (other jobs share the 2 cores)
 """
@@ -81,8 +86,10 @@ VOCABULARY = " ".join(WORDS).split(" ")
 MAX_PROMPT_WORDS = 64
 OUTPUT_TOKENS = (4, 64)
 REQUEST_TIMEOUT_S = 180
-# Warm-up requests, in multiples of the concurrency: enough batches of mixed shapes for the
-# allocators and vLLM's caches to reach their working size before RSS is first read.
+# Warm-up requests of the command line: the workers' RSS grows by 30 to 45 MiB each in the
+# first 400 requests and by about 20 in the fifth (docs/benchmarks.md, soak section).
+WARM_UP_REQUESTS = 2000
+# soak()'s default warm-up, in multiples of the concurrency (the short test's).
 WARM_UP_ROUNDS = 2
 MIB = 1 << 20
 
@@ -243,7 +250,7 @@ def rss_by_process(group: int) -> dict[str, int]:
     sizes = {}
     for process in group_processes(group):
         with contextlib.suppress(psutil.Error):
-            command = " ".join(process.cmdline())
+            command = " ".join(process.cmdline()).strip()
             name = "API server" if process.pid == group else command[:48]
             sizes[f"{name} ({process.pid})"] = process.memory_info().rss
     return sizes
@@ -300,7 +307,10 @@ def soak_run(
     after = balancer_counts(server)
     for process, start_bytes in sorted(rss_start.items()):
         end_bytes = rss_end.get(process, 0)
-        print(f"  {process}: RSS {start_bytes / MIB:.0f} -> {end_bytes / MIB:.0f} MiB")
+        print(
+            f"  {process}: RSS {start_bytes / MIB:.0f} -> {end_bytes / MIB:.0f} MiB "
+            f"({(end_bytes - start_bytes) / MIB:+.0f})"
+        )
     rss_start, rss_end = sum(rss_start.values()), sum(rss_end.values())
     measured = {
         "name": name,
@@ -337,9 +347,11 @@ def soak(
     requests: list[SoakRequest],
     concurrency: int,
     server_log: Path | None = None,
+    warm_up: int | None = None,
 ) -> list[RunResult]:
-    """The clean run and the bad-transfer run on one server; stock vLLM's reference is
-    computed meanwhile in another process group."""
+    """The clean run and the bad-transfer run on one server, after `warm_up` requests
+    (None: `WARM_UP_ROUNDS` x `concurrency`); stock vLLM's reference is computed meanwhile
+    in another process group."""
     reference: dict[str, dict] = {}
     failure: list[BaseException] = []
 
@@ -352,12 +364,14 @@ def soak(
     reference_thread = threading.Thread(target=compute_reference, daemon=True)
     reference_thread.start()
     hanging_up = sum(r.disconnect_after is not None for r in requests) / len(requests)
-    warm_up = soak_requests(WARM_UP_ROUNDS * concurrency, hanging_up, seed=-1)
+    warm_up_requests = soak_requests(
+        WARM_UP_ROUNDS * concurrency if warm_up is None else warm_up, hanging_up, seed=-1
+    )
     env = e2e_env(num_ranks=2, VLLM_SERVER_DEV_MODE="1")  # POST /collective_rpc
     runs = []
     with Server(model, [*SERVE, "--dtype", dtype], env) as server:
         try:
-            drive(server.url, warm_up, concurrency)
+            drive(server.url, warm_up_requests, concurrency)
             runs.append(soak_run("clean", server, requests, concurrency))
             arm_bad_transfer(server)
             runs.append(soak_run("bad transfer", server, requests, concurrency))
@@ -408,11 +422,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--disconnect-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--warm-up", type=int, default=WARM_UP_REQUESTS, help="requests before the first run"
+    )
     parser.add_argument("--server-log", type=Path, help="write the server's output here")
     args = parser.parse_args()
     model = str(build_tiny_model(REPO / ".cache" / "tiny-models" / args.arch, args.arch))
     requests = soak_requests(args.requests, args.disconnect_fraction, args.seed)
-    results = soak(model, args.dtype, requests, args.concurrency, args.server_log)
+    results = soak(
+        model, args.dtype, requests, args.concurrency, args.server_log, warm_up=args.warm_up
+    )
     print(table(results))
     for run in results:
         for problem in run.problems:
