@@ -37,12 +37,12 @@ differs from ``COVERAGE_SIZES`` (the sizes every config class takes under its ow
 shape (``_reinit_coverage_weights``) and saved by transformers.
 
 Architectures that transformers has no class for (Ling, DeepSeek V1, Step-3 / 3.5,
-Param2MoE, Sarvam-MoE) take their config from the class vLLM ships (``"vllm.<Class>"``) or
-from a ``configuration_wideep_tiny.py`` written into the checkpoint (``"remote.<model
-type>"``, a bare ``PretrainedConfig`` that vLLM loads with ``trust_remote_code``, nothing
-downloaded), and their tensors from a layout function that lists the names and shapes
-vLLM's model file loads (``_bailing_layout``, ...), drawn by the same rules
-(``_coverage_value``) and saved with safetensors.
+Param2MoE, Sarvam-MoE and SarvamMLA) take their config from the class vLLM ships
+(``"vllm.<Class>"``) or from a ``configuration_wideep_tiny.py`` written into the
+checkpoint (``"remote.<model type>"``, a bare ``PretrainedConfig`` that vLLM loads with
+``trust_remote_code``, nothing downloaded), and their tensors from a layout function that
+lists the names and shapes vLLM's model file loads (``_bailing_layout``, ...), drawn by
+the same rules (``_coverage_value``) and saved with safetensors.
 
 Every model has hidden size 128 and a vocabulary of ``VOCAB_SIZE`` = 1024 tokens.
 The constraints come from vLLM's CPU kernels:
@@ -867,6 +867,8 @@ class CoverageArch:
 
 
 _MLA_NO_GROUPS = {"n_group": 1, "topk_group": 1}
+# The MLA sizes of COVERAGE_SIZES (kv_lora_rank + qk_rope_head_dim = 576 for CPU MLA).
+_MLA_SIZES = ("kv_lora_rank", "qk_rope_head_dim", "q_lora_rank", "qk_nope_head_dim", "v_head_dim")
 # Configs that list each layer's MLP kind (transformers 5) for models that vLLM reads
 # first_k_dense_replace from: every layer MoE in both.
 _ALL_SPARSE = {"mlp_layer_types": ["sparse", "sparse"]}
@@ -970,6 +972,51 @@ def _deepseek_layout(config: PretrainedConfig) -> TensorLayout:
             _experts_layout(f"{mlp}.experts", c.n_routed_experts, hidden, c.moe_intermediate_size)
         )
         shared = c.moe_intermediate_size * c.n_shared_experts
+        return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared)}
+
+    return _decoder_layout(config, "embed_tokens", layer)
+
+
+def _sarvam_mla_layout(config: PretrainedConfig) -> TensorLayout:
+    """SarvamMLA (``sarvam.py``): DeepSeek's multi-head latent attention
+    (``self_attn.q_proj``, or ``q_a_proj``, ``q_a_layernorm`` and ``q_b_proj`` with a
+    ``q_lora_rank``; ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``,
+    ``o_proj``) and BailingMoe's MoE under DeepSeek's names (``mlp.gate`` with
+    ``e_score_correction_bias``, routed and shared experts)."""
+    c, hidden, heads = config, config.hidden_size, config.num_attention_heads
+    qk_head = c.qk_nope_head_dim + c.qk_rope_head_dim
+
+    def layer(prefix: str, index: int) -> TensorLayout:
+        attention = f"{prefix}.self_attn"
+        if c.q_lora_rank is None:
+            layout = {f"{attention}.q_proj.weight": (heads * qk_head, hidden)}
+        else:
+            layout = {
+                f"{attention}.q_a_proj.weight": (c.q_lora_rank, hidden),
+                f"{attention}.q_a_layernorm.weight": (c.q_lora_rank,),
+                f"{attention}.q_b_proj.weight": (heads * qk_head, c.q_lora_rank),
+            }
+        layout |= {
+            f"{attention}.kv_a_proj_with_mqa.weight": (
+                c.kv_lora_rank + c.qk_rope_head_dim,
+                hidden,
+            ),
+            f"{attention}.kv_a_layernorm.weight": (c.kv_lora_rank,),
+            f"{attention}.kv_b_proj.weight": (
+                heads * (c.qk_nope_head_dim + c.v_head_dim),
+                c.kv_lora_rank,
+            ),
+            f"{attention}.o_proj.weight": (hidden, heads * c.v_head_dim),
+        }
+        mlp = f"{prefix}.mlp"
+        if index < c.first_k_dense_replace:
+            return {**layout, **_mlp_layout(mlp, hidden, c.intermediate_size)}
+        layout[f"{mlp}.gate.weight"] = (c.num_experts, hidden)
+        layout[f"{mlp}.gate.e_score_correction_bias"] = (c.num_experts,)
+        layout.update(
+            _experts_layout(f"{mlp}.experts", c.num_experts, hidden, c.moe_intermediate_size)
+        )
+        shared = c.moe_shared_expert_intermediate_size * c.num_shared_experts
         return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared)}
 
     return _decoder_layout(config, "embed_tokens", layer)
@@ -1342,6 +1389,22 @@ COVERAGE_ARCHES: dict[str, CoverageArch] = {
         "remote.sarvam_moe",
         overrides=_BAILING_V2,
         layout=_bailing_layout,  # vLLM's SarvamMoEForCausalLM is its BailingMoeForCausalLM
+    ),
+    "sarvam_mla": CoverageArch(
+        "SarvamMLAForCausalLM",
+        "remote.sarvam_mla",
+        overrides={  # Sarvam's MLA model: Ling 2.0's MoE with DeepSeek's latent attention
+            **_BAILING_V2,
+            "num_key_value_heads": 4,
+            **{k: COVERAGE_SIZES[k] for k in _MLA_SIZES},
+            # vLLM sizes the MLA cache by head_dim for this model type (it is not in its
+            # DeepSeek-MLA list): kv_lora_rank + qk_rope_head_dim, the one CPU MLA takes
+            "head_dim": COVERAGE_SIZES["kv_lora_rank"] + COVERAGE_SIZES["qk_rope_head_dim"],
+            # vLLM 0.32's SarvamMLA attention with a q_lora_rank fails ("fused_qkv_a_proj
+            # is required when q_lora_rank is not None"): the query without one, q_proj
+            "q_lora_rank": None,
+        },
+        layout=_sarvam_mla_layout,
     ),
     "step3_text": CoverageArch(
         "Step3TextForCausalLM",
