@@ -192,6 +192,18 @@ def _rank_load(w: np.ndarray, bins: np.ndarray, count: np.ndarray | None = None)
     return np.take_along_axis(share, flat, axis=1).reshape(bins.shape).sum(axis=2)
 
 
+def _argsort_rows(a: np.ndarray) -> np.ndarray:
+    """`[B, n]` float -> `[B, n]` int64, a stable argsort along axis 1 (ties: lower index
+    first). numpy's stable sort is about 3x slower than its default one; rank loads
+    rarely tie, so sort by the default one and re-sort stably only the rows with ties."""
+    order = np.argsort(a, axis=1)
+    ranked = np.take_along_axis(a, order, axis=1)
+    tie = (ranked[:, 1:] == ranked[:, :-1]).any(axis=1)
+    if tie.any():
+        order[tie] = np.argsort(a[tie], axis=1, kind="stable")
+    return order
+
+
 def _lower_bound(w: np.ndarray, count: np.ndarray, num_ranks: int) -> np.ndarray:
     """`[B]` no max rank load can be lower: the mean, and the largest share."""
     return np.maximum(w.sum(axis=1) / num_ranks, (w / np.maximum(count, 1)).max(axis=1))
@@ -213,7 +225,17 @@ def _pack_fresh(w: np.ndarray, num_ranks: int, slots_per_rank: int):
     mean = w.sum(axis=1) / num_ranks
     todo = np.nonzero(peak > mean * (1 + _GOOD_ENOUGH))[0]
     # Step 1b on the layers greedy left uneven, every fraction at once (rows: layer x f).
-    splits = [_split(w[todo], num_slots, num_ranks, f) for f in _SPLIT_FRACTIONS]
+    fractions = np.repeat(np.array(_SPLIT_FRACTIONS), len(todo))
+    count_all, ok_all = _split(
+        np.tile(w[todo], (len(_SPLIT_FRACTIONS), 1)), num_slots, num_ranks, fractions
+    )
+    splits = [
+        (
+            count_all[k * len(todo) : (k + 1) * len(todo)],
+            ok_all[k * len(todo) : (k + 1) * len(todo)],
+        )
+        for k in range(len(_SPLIT_FRACTIONS))
+    ]
     rows = np.concatenate([todo[ok] for _, ok in splits]).astype(np.int64)
     if len(rows):
         tried = np.concatenate([c[ok] for c, ok in splits])
@@ -251,12 +273,13 @@ def _replicate(w: np.ndarray, num_slots: int, num_ranks: int) -> np.ndarray:
 
 
 def _split(
-    w: np.ndarray, num_slots: int, num_ranks: int, fraction: float
+    w: np.ndarray, num_slots: int, num_ranks: int, fraction: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Step 1b, split: `[B, E]` replica counts with shares <= fraction * mean rank load,
-    and `[B]` bool, whether that fits (at most num_slots slots, at most R replicas of an
-    expert). Leftover slots go to the coldest experts, one each, ascending share."""
-    cap = fraction * w.sum(axis=1, keepdims=True) / num_ranks  # [B, 1]
+    """Step 1b, split: `[B, E]` replica counts with shares <= fraction (`[B]`, per row) *
+    mean rank load, and `[B]` bool, whether that fits (at most num_slots slots, at most
+    R replicas of an expert). Leftover slots go to the coldest experts, one each,
+    ascending share."""
+    cap = fraction[:, None] * w.sum(axis=1, keepdims=True) / num_ranks  # [B, 1]
     with np.errstate(divide="ignore", invalid="ignore"):
         count = np.maximum(1, np.ceil(np.where(cap > 0, w / cap, 1))).astype(np.int64)
     left = num_slots - count.sum(axis=1)  # [B]
@@ -287,30 +310,33 @@ def _pack_rounds(w: np.ndarray, count: np.ndarray, num_ranks: int, slots_per_ran
     order = np.argsort(-item_share, axis=1, kind="stable")
     experts = np.take_along_axis(experts, order, 1).reshape(num_rows, slots_per_rank, num_ranks)
     item_share = np.take_along_axis(item_share, order, 1).reshape(experts.shape)
-    bins = np.empty((num_rows, num_ranks, slots_per_rank), dtype=np.int64)
+    # Slot-major while filling: round t writes column t of every rank.
+    cols = np.empty((slots_per_rank, num_rows, num_ranks), dtype=np.int64)
     rank_load = np.zeros((num_rows, num_ranks))
+    rank = np.tile(np.arange(num_ranks), (num_rows, 1))  # round 0: all loads tie at 0
     rows = np.arange(num_rows)[:, None]
     for t in range(slots_per_rank):
-        rank = np.argsort(rank_load, axis=1, kind="stable")  # [B, R] lightest first
+        if t:
+            rank = _argsort_rows(rank_load)  # [B, R] lightest first
         e = experts[:, t]  # [B, R] descending share
-        x, k = np.nonzero((bins[rows, rank, :t] == e[..., None]).any(axis=2))
-        k2 = np.where(k + 1 < num_ranks, k + 1, k - 1)
-        ok = ~_holds(bins[x, rank[x, k2], :t], e[x, k]) & ~_holds(bins[x, rank[x, k], :t], e[x, k2])
-        # Swaps touching a common position would break the permutation: skip those.
-        at = np.concatenate([x * num_ranks + k, x * num_ranks + k2])
-        touched = np.bincount(at, minlength=num_rows * num_ranks)
-        ok &= (touched[x * num_ranks + k] == 1) & (touched[x * num_ranks + k2] == 1)
-        rank[x[ok], k[ok]], rank[x[ok], k2[ok]] = rank[x[ok], k2[ok]], rank[x[ok], k[ok]]
-        bins[rows, rank, t] = e
+        if t:
+            # A replica run (<= R copies, consecutive in share order) spans at most two
+            # rounds: only round t - 1 can have put e on the same rank.
+            prev = np.take_along_axis(cols[t - 1], rank, 1)  # [B, R] by position
+            x, k = np.nonzero(prev == e)
+            k2 = np.where(k + 1 < num_ranks, k + 1, k - 1)
+            ok = (prev[x, k2] != e[x, k]) & (prev[x, k] != e[x, k2])
+            # Swaps touching a common position would break the permutation: skip those.
+            at = np.concatenate([x * num_ranks + k, x * num_ranks + k2])
+            touched = np.bincount(at, minlength=num_rows * num_ranks)
+            ok &= (touched[x * num_ranks + k] == 1) & (touched[x * num_ranks + k2] == 1)
+            rank[x[ok], k[ok]], rank[x[ok], k2[ok]] = rank[x[ok], k2[ok]], rank[x[ok], k[ok]]
+        cols[t][rows, rank] = e
         rank_load[rows, rank] += item_share[:, t]
+    bins = np.ascontiguousarray(cols.transpose(1, 2, 0))  # [B, R, S]
     ranked = np.sort(bins, axis=2)  # a copy of an expert twice on a rank sits side by side
     clash = (ranked[..., 1:] == ranked[..., :-1]).any(axis=(1, 2))
     return bins, clash
-
-
-def _holds(slots: np.ndarray, experts: np.ndarray) -> np.ndarray:
-    """slots: `[K, T]` a rank's filled slots; experts: `[K]` -> `[K]` bool, held already."""
-    return (slots == experts[:, None]).any(axis=1)
 
 
 def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
@@ -327,8 +353,9 @@ def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
     holds = _held(bins, share.shape[1]).transpose(0, 2, 1) > 0  # [B, E, R]
     # Descending share, ties in the given (ascending id) order; `-1` last.
     item_share = np.where(experts >= 0, np.take_along_axis(share, np.maximum(experts, 0), 1), -1)
-    experts = np.take_along_axis(experts, np.argsort(-item_share, axis=1, kind="stable"), 1)
-    item_share = np.maximum(-np.sort(-item_share, axis=1, kind="stable"), 0)
+    order = np.argsort(-item_share, axis=1, kind="stable")
+    experts = np.take_along_axis(experts, order, 1)
+    item_share = np.maximum(np.take_along_axis(item_share, order, 1), 0)
     # A rank's load as a candidate: inf when full; plus `penalty`, more than any rank's
     # load, when it holds the expert already, so it is taken only if every open rank does.
     cand = np.where(free > 0, rank_load, np.inf).reshape(-1)  # [B * R], flat: fast indexing
@@ -351,20 +378,33 @@ def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
             (rows[:, None] * num_experts + experts[:, :first]).reshape(-1),
             np.tile(np.arange(num_ranks), num_rows),
         ] = True
+    # Per item k, its rows of `holds` and its share, k-major: one contiguous row per step.
+    held_rows = np.ascontiguousarray((rows[:, None] * num_experts + np.maximum(experts, 0)).T)
+    share_k = np.ascontiguousarray(item_share.T)  # [K, B]
+    placed_k = np.full(held_rows.shape, -1, dtype=np.int64)  # [K, B]
+    load = cand.reshape(num_rows, num_ranks)  # a view: sees cand's updates
+    every = int(real_items.min(initial=0))  # items 0 .. every - 1 exist in every row
+    base = rows * num_ranks
     for k in range(first, int(real_items.max(initial=0))):
-        if k < real_items.min():  # every row has an item k: no row selection
-            live, load, pen = rows, cand.reshape(num_rows, num_ranks), penalty
+        if k < every:  # all rows: views, no row gathers
+            live, held_row, view, at_base = slice(None), held_rows[k], load, base
         else:
             live = rows[k < real_items]
-            load, pen = cand.reshape(num_rows, num_ranks)[live], penalty[live]
-        held_row = live * num_experts + experts[live, k]  # [A] rows of `holds`
-        rank = np.argmin(load + holds[held_row] * pen, axis=1)
-        at = live * num_ranks + rank
-        cand[at] += item_share[live, k]
-        free[at] -= 1
-        cand[at[free[at] == 0]] = np.inf
+            held_row, view, at_base = held_rows[k, live], load[live], base[live]
+        # The least-loaded open rank; the penalty only matters where that rank holds the
+        # expert already (rare): re-pick those rows with it.
+        rank = np.argmin(view, axis=1)
+        clash = np.nonzero(holds[held_row, rank])[0]
+        if len(clash):
+            again = view[clash] + holds[held_row[clash]] * penalty[live][clash]
+            rank[clash] = np.argmin(again, axis=1)
         holds[held_row, rank] = True
-        placed_rank[live, k] = rank
+        at = at_base + rank
+        left = free[at] - 1
+        free[at] = left
+        cand[at] = np.where(left > 0, cand[at] + share_k[k, live], np.inf)
+        placed_k[k, live] = rank
+    placed_rank[:, first:] = placed_k[first:].T
     # A rank's j-th new expert goes to its j-th empty slot.
     order = np.argsort(placed_rank, axis=1, kind="stable")  # by rank, then pack order
     placed_rank = np.take_along_axis(placed_rank, order, 1)
@@ -396,96 +436,104 @@ def _refine(w: np.ndarray, bins: np.ndarray, target: np.ndarray) -> np.ndarray:
     num_rows, num_ranks, _ = bins.shape
     if num_ranks == 1:
         return bins
-    share = w / np.maximum(_counts(bins, w.shape[1]), 1)
-    state = _SwapState(bins, _held(bins, w.shape[1]), None, None)
-    state.slot_load = np.take_along_axis(share, bins.reshape(num_rows, -1), 1).reshape(bins.shape)
-    state.rank_load = state.slot_load.sum(axis=2)  # [B, R]
+    state = _SwapState(w, bins)
+    rank_load = state.rank_load  # [B * R], kept in step by state.swap
     active = np.arange(num_rows)
     done = np.zeros(num_rows, dtype=bool)  # rows where no swap helps any more
     for _ in range(_ROUNDS):
-        over = state.rank_load[active] > target[active, None]  # [A, R]
-        active, over = active[over.any(axis=1)], over[over.any(axis=1)]
+        load = rank_load.reshape(num_rows, num_ranks)[active]  # [A, R]
+        over = load > target[active, None]
+        keep = over.any(axis=1)
+        active, over, load = active[keep], over[keep], load[keep]
         if not len(active):
             break
         pairs = min(num_ranks // 2, int(over.sum(axis=1).max()))
-        by_load = np.argsort(state.rank_load[active], axis=1, kind="stable")
+        by_load = _argsort_rows(load)
         heavy, light = by_load[:, ::-1][:, :pairs], by_load[:, :pairs]  # [A, P]
-        excess, best, half_gap = state.best_swaps(active, heavy, light)
-        load_h = state.rank_load[active[:, None], heavy]
-        better = (excess < half_gap - _EPS * load_h) & (load_h > target[active, None])
-        x, p = np.nonzero(better)
-        state.swap(active[x], heavy[x, p], light[x, p], best[x, p])
-        stalled = active[~better.any(axis=1)]
+        # Only pairs whose heavy rank is above the target may swap: evaluate just those.
+        x, p = np.nonzero(np.take_along_axis(over, heavy, axis=1))
+        at_h = active[x] * num_ranks + heavy[x, p]  # [K] flat (row, rank) ids
+        at_l = active[x] * num_ranks + light[x, p]
+        excess, best, half_gap = state.best_swaps(at_h, at_l)
+        better = excess < half_gap - _EPS * rank_load[at_h]
+        state.swap(at_h[better], at_l[better], best[better])
+        stalled = active[np.bincount(x[better], minlength=len(active)) == 0]
         if len(stalled):  # the peak rank against the lighter half, one swap per row
-            by_load = np.argsort(state.rank_load[stalled], axis=1, kind="stable")
-            peak, light = by_load[:, -1], by_load[:, : max(1, num_ranks // 2)]
-            heavy = np.repeat(peak[:, None], light.shape[1], axis=1)
-            excess, best, half_gap = state.best_swaps(stalled, heavy, light)
+            by_load = _argsort_rows(rank_load.reshape(num_rows, num_ranks)[stalled])
+            half = max(1, num_ranks // 2)
+            peak = stalled * num_ranks + by_load[:, -1]  # [T] flat ids
+            at_l = (stalled[:, None] * num_ranks + by_load[:, :half]).reshape(-1)
+            excess, best, half_gap = state.best_swaps(np.repeat(peak, half), at_l)
             # The pair whose larger load ends lowest: mid + excess = peak - half_gap + excess.
-            p = np.argmin(excess - half_gap, axis=1)
             x = np.arange(len(stalled))
-            ok = excess[x, p] < half_gap[x, p] - _EPS * state.rank_load[stalled, peak]
-            state.swap(stalled[ok], peak[ok], light[x, p][ok], best[x, p][ok])
+            p = x * half + np.argmin((excess - half_gap).reshape(-1, half), axis=1)
+            ok = excess[p] < half_gap[p] - _EPS * rank_load[peak]
+            state.swap(peak[ok], at_l[p[ok]], best[p[ok]])
             done[stalled[~ok]] = True
             active = active[~done[active]]
+    bins[:] = state.slot_bins.T.reshape(bins.shape)
     return bins
 
 
 class _SwapState:
-    """The refine's view of `[B, R, S]` bins: per-rank expert copies `held` (`[B, R, E]`),
-    `slot_load` (`[B, R, S]`) and `rank_load` (`[B, R]`), kept in step with swaps."""
+    """The refine's view of `[B, R, S]` bins, rank-major: `slot_bins` and `slot_load`
+    (`[S, B * R]`: slot i of flat rank b * R + r), `held` (`[B * R, E]` copies of each
+    expert per rank, int8 where S fits) and `rank_load` (`[B * R]`), kept in step with
+    swaps. Slot-major storage makes a pair's S slots one contiguous gather per slot."""
 
-    def __init__(self, bins, held, slot_load, rank_load):
-        self.bins, self.held, self.slot_load, self.rank_load = bins, held, slot_load, rank_load
+    def __init__(self, w: np.ndarray, bins: np.ndarray):
+        num_rows, num_ranks, slots_per_rank = bins.shape
+        num_experts = w.shape[1]
+        share = w / np.maximum(_counts(bins, num_experts), 1)
+        held = _held(bins, num_experts).reshape(num_rows * num_ranks, num_experts)
+        # held is read by random gathers: the smaller its dtype, the fewer cache misses.
+        self.held = held.astype(np.int8 if slots_per_rank < 128 else np.int64)
+        self.slot_bins = np.ascontiguousarray(bins.reshape(-1, slots_per_rank).T)
+        flat = bins.reshape(num_rows, -1)
+        slot_load = np.take_along_axis(share, flat, axis=1).reshape(-1, slots_per_rank)
+        self.slot_load = np.ascontiguousarray(slot_load.T)
+        self.rank_load = slot_load.sum(axis=1)
 
-    def best_swaps(self, rows: np.ndarray, heavy: np.ndarray, light: np.ndarray):
-        """For rank pairs (`[A, P]` heavy and light ranks of rows `[A]`): `[A, P]` how far
-        the larger load after each pair's best swap stays above the pair's midpoint, and
-        `[A, P]` that swap as `i * S + j` (heavy's slot i with light's slot j).
+    def best_swaps(self, at_h: np.ndarray, at_l: np.ndarray):
+        """For rank pairs (`[K]` flat (row, rank) ids of heavy and light ranks): `[K]` how
+        far the larger load after each pair's best swap stays above the pair's midpoint,
+        `[K]` that swap as `i * S + j` (heavy's slot i with light's slot j), and `[K]` half
+        the pair's load gap.
 
         Swapping moves delta = slot_load[h, i] - slot_load[l, j] to the light rank; the
         larger load becomes mid + |delta - gap / 2| (mid, gap: the pair's mean load and
         difference), which is below the heavy load iff 0 < delta < gap. A swap is
         invalid (inf) unless each rank lacks the other's expert."""
-        num_ranks, slots_per_rank = self.bins.shape[1:]
-        num_experts = self.held.shape[2]
-        # Flat (row, rank) ids of each pair's ranks: `[A * P]`; slot data as `[B * R, S]`.
-        at_h = (rows[:, None] * num_ranks + heavy).reshape(-1)
-        at_l = (rows[:, None] * num_ranks + light).reshape(-1)
-        bins = self.bins.reshape(-1, slots_per_rank)
-        slot_load = self.slot_load.reshape(-1, slots_per_rank)
+        slots_per_rank = self.slot_bins.shape[0]
+        num_experts = self.held.shape[1]
         held = self.held.reshape(-1)
-        half_gap = (self.rank_load.reshape(-1)[at_h] - self.rank_load.reshape(-1)[at_l]) / 2
-        from_h = slot_load[at_h] - half_gap[:, None]  # [A * P, S]
-        from_l = slot_load[at_l]
+        half_gap = (self.rank_load[at_h] - self.rank_load[at_l]) / 2
+        from_h = self.slot_load[:, at_h] - half_gap  # [S, K]
+        from_l = self.slot_load[:, at_l]
         # Invalid slots push |delta - gap / 2| to inf: +inf on heavy's side, -inf on light's.
-        from_h[held[at_l[:, None] * num_experts + bins[at_h]] > 0] = np.inf
-        from_l[held[at_h[:, None] * num_experts + bins[at_l]] > 0] = -np.inf
-        # [S, S, A * P], pairs last: numpy's inner loops then run long.
-        excess = np.subtract(from_h.T[:, None, :], from_l.T[None, :, :])
+        from_h[held[at_l * num_experts + self.slot_bins[:, at_h]] > 0] = np.inf
+        from_l[held[at_h * num_experts + self.slot_bins[:, at_l]] > 0] = -np.inf
+        # [S, S, K], pairs last: numpy's inner loops then run long.
+        excess = np.subtract(from_h[:, None, :], from_l[None, :, :])
         excess = np.abs(excess, out=excess).reshape(slots_per_rank**2, -1)
         best = np.argmin(excess, axis=0)
-        excess = excess[best, np.arange(len(best))]
-        return excess.reshape(heavy.shape), best.reshape(heavy.shape), half_gap.reshape(heavy.shape)
+        return excess[best, np.arange(len(best))], best, half_gap
 
-    def swap(self, b: np.ndarray, h: np.ndarray, lt: np.ndarray, ij: np.ndarray) -> None:
-        """Swap slot i of rank h with slot j of rank lt in row b (`[K]` each, distinct
-        ranks per row), ij = i * S + j."""
-        i, j = np.divmod(ij, self.bins.shape[2])
-        eh, el = self.bins[b, h, i], self.bins[b, lt, j]
-        moved = self.slot_load[b, h, i] - self.slot_load[b, lt, j]
-        self.bins[b, h, i], self.bins[b, lt, j] = el, eh
-        # (b, h) and (b, lt) are distinct across the K swaps: plain fancy updates suffice.
-        self.held[b, h, eh] -= 1
-        self.held[b, lt, el] -= 1
-        self.held[b, h, el] += 1
-        self.held[b, lt, eh] += 1
-        self.slot_load[b, h, i], self.slot_load[b, lt, j] = (
-            self.slot_load[b, lt, j],
-            self.slot_load[b, h, i],
-        )
-        self.rank_load[b, h] -= moved
-        self.rank_load[b, lt] += moved
+    def swap(self, at_h: np.ndarray, at_l: np.ndarray, ij: np.ndarray) -> None:
+        """Swap slot i of flat rank at_h with slot j of flat rank at_l (`[K]` each, all
+        2K ranks distinct), ij = i * S + j."""
+        i, j = np.divmod(ij, self.slot_bins.shape[0])
+        eh, el = self.slot_bins[i, at_h], self.slot_bins[j, at_l]
+        load_h, load_l = self.slot_load[i, at_h], self.slot_load[j, at_l]
+        self.slot_bins[i, at_h], self.slot_bins[j, at_l] = el, eh
+        self.slot_load[i, at_h], self.slot_load[j, at_l] = load_l, load_h
+        # The 2K ranks are distinct: plain fancy updates suffice.
+        self.held[at_h, eh] -= 1
+        self.held[at_l, el] -= 1
+        self.held[at_h, el] += 1
+        self.held[at_l, eh] += 1
+        self.rank_load[at_h] -= load_h - load_l
+        self.rank_load[at_l] += load_h - load_l
 
 
 # ---- step 4: keep what is there -----------------------------------------------------------
@@ -508,21 +556,23 @@ def _keep(w: np.ndarray, fresh: np.ndarray, bound: np.ndarray, old: np.ndarray) 
     todo = np.nonzero(~complete | (_rank_load(w, old, have).max(axis=1) > limit))[0]
     if not len(todo):
         return out
-    # Repairs to the old replica counts (if complete) and to fresh's: `[T, R, S]` each,
-    # with their max rank loads and changed slots (inf: not usable).
+    # Repairs to the old replica counts (complete layers) and to fresh's, in one batch
+    # (rows are independent): `[T, R, S]` each, with their max rank loads and changed
+    # slots (inf: not usable).
+    mine = np.nonzero(complete[todo])[0]  # rows of todo that get an old-count repair
+    layer = np.concatenate([todo[mine], todo])
+    want = np.concatenate([have[todo[mine]], _counts(fresh[todo], num_experts)])
+    both = _repair(w[layer], want, old[layer], limit[layer])
+    both_peak = _rank_load(w[layer], both).max(axis=1)
+    both_moved = (both != old[layer]).sum(axis=(1, 2)).astype(np.float64)
+    if slots_per_rank <= num_experts:  # a second copy on a rank is avoidable
+        both_moved[(_held(both, num_experts) > 1).any(axis=(1, 2))] = np.inf
     repairs = []
-    for count, usable in ((have, complete[todo]), (_counts(fresh, num_experts), None)):
-        rows = np.arange(len(todo)) if usable is None else np.nonzero(usable)[0]
+    for part, rows in ((slice(0, len(mine)), mine), (slice(len(mine), None), slice(None))):
         repaired = old[todo].copy()
         peak = np.full(len(todo), np.inf)
         moved = np.full(len(todo), np.inf)
-        if len(rows):
-            layer = todo[rows]
-            repaired[rows] = _repair(w[layer], count[layer], old[layer], limit[layer])
-            peak[rows] = _rank_load(w[layer], repaired[rows]).max(axis=1)
-            moved[rows] = (repaired[rows] != old[layer]).sum(axis=(1, 2))
-            if slots_per_rank <= num_experts:  # a second copy on a rank is avoidable
-                moved[rows[(_held(repaired[rows], num_experts) > 1).any(axis=(1, 2))]] = np.inf
+        repaired[rows], peak[rows], moved[rows] = both[part], both_peak[part], both_moved[part]
         repairs.append((repaired, peak, moved))
     # Layers no repair brings under the bound's limit: refine fresh, loosen the limit.
     short = np.ones(len(todo), dtype=bool)
