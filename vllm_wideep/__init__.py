@@ -3,7 +3,7 @@
 Data path of one MoE layer (one package per stage):
 
     router (vLLM)   topk_ids [M, k] logical experts, topk_weights [M, k]
-      -> eplb/      location: logical expert -> slot (a replica on this rank if any)
+      -> eplb/      location: logical expert -> slot (the replica a key of the token picks)
       -> comm/      dispatch: each token to every EP rank that owns one of its slots
       -> kernels/   experts: grouped GEMM over this rank's slots
       -> comm/      combine: weighted expert outputs back to the token's rank, summed

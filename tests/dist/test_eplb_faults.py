@@ -45,7 +45,8 @@ def _balancer(rank: int, world_size: int, timeout_s: float = 120) -> tuple[Balan
 
 
 def _skewed_step(balancer: Balancer, layer: ExpertSlots, hot: int) -> None:
-    layer.route(torch.tensor([[hot]] * 12 + [[e] for e in range(NUM_EXPERTS)]))
+    ids = torch.tensor([[hot]] * 12 + [[e] for e in range(NUM_EXPERTS)])
+    layer.route(ids, torch.randn(len(ids), 8))
     balancer.step()
 
 

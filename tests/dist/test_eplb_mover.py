@@ -109,9 +109,8 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
 
     def routed_step() -> None:
         for layer, slots in enumerate(layers):
-            slots.route(
-                torch.cat([hot[layer], torch.randint(NUM_EXPERTS, (4,), generator=gen)])[:, None]
-            )
+            ids = torch.cat([hot[layer], torch.randint(NUM_EXPERTS, (4,), generator=gen)])
+            slots.route(ids[:, None], torch.randn(len(ids), 8, generator=gen))
         balancer.step()
 
     for _ in range(2):  # step 2 starts planning (in a thread on rank 0)
@@ -140,7 +139,8 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
         # the hot expert got a replica; the tables route to slots that hold the expert
         assert int((slots.physical_to_logical == hot[layer, 0]).sum()) >= 2
         ids = torch.arange(NUM_EXPERTS)[:, None]
-        assert torch.equal(slots.physical_to_logical[slots.route(ids)], ids)
+        tokens = torch.randn(NUM_EXPERTS, 8)
+        assert torch.equal(slots.physical_to_logical[slots.route(ids, tokens)], ids)
     assert all(c.rebalances == 1 and c.failures == 0 for c in balancer.counters)
 
 
@@ -186,7 +186,8 @@ def _slow_plan_does_not_stall_the_steps(rank, world_size):
     try:
         longest, steps = 0.0, 0
         while balancer.planning is not None or steps < 2:
-            layer.route(torch.tensor([[3]] * 8 + [[e] for e in range(NUM_EXPERTS)]))
+            ids = torch.tensor([[3]] * 8 + [[e] for e in range(NUM_EXPERTS)])
+            layer.route(ids, torch.randn(len(ids), 8))
             start = time.monotonic()
             balancer.step()
             longest = max(longest, time.monotonic() - start)

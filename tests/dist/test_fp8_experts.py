@@ -73,7 +73,8 @@ def _moves_carry_the_scales(rank, world_size):
     placements = set()
     for step in range(6):  # a different hot expert each step: a new placement each time
         hot = torch.full((16, 1), step % NUM_EXPERTS)
-        slots.route(torch.cat([hot, torch.arange(NUM_EXPERTS)[:, None]]))
+        ids = torch.cat([hot, torch.arange(NUM_EXPERTS)[:, None]])
+        slots.route(ids, torch.randn(len(ids), 8))
         balancer.step()
         expert_of_slot = slots.physical_to_logical[mine]
         placements.add(tuple(slots.physical_to_logical.tolist()))

@@ -2,11 +2,13 @@
 (through TP 2, LLM class, the default `alltoall` exchange), the batch run again in the same
 engine, its prompts sent one at a time (other batches: a token's output must not depend on
 what else was scheduled with it) and in a fresh engine (docs/token-exchange.md#determinism).
-Qwen3-MoE in float32; DeepSeek-V3 in bfloat16, whose TP-sharded shared experts are added
-to the routed output, in an order that must not depend on which TP rank dispatched a token.
+Qwen3-MoE in float32 from a placement that replicates experts on the other rank (a token's
+replica, and so which rank's partial sum its expert output joins, must not depend on its
+batch or rank); DeepSeek-V3 in bfloat16, whose TP-sharded shared experts are added to the
+routed output, in an order that must not depend on which TP rank dispatched a token.
 
 The child process (this file run as a script) prints one JSON line per engine:
-    python tests/e2e/test_determinism.py '{"engines": [[model, dtype], ...]}'
+    python tests/e2e/test_determinism.py '{"engines": [[model, dtype, wideep options], ...]}'
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 PROMPTS = [
     "The quick brown fox",
@@ -38,12 +41,12 @@ def _child(spec: dict) -> None:
     from vllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
-    for model, dtype in spec["engines"]:
+    for model, dtype, options in spec["engines"]:
         llm = LLM(
             model=model,
             dtype=dtype,
             tensor_parallel_size=2,
-            additional_config={"wideep": {"enabled": True}},
+            additional_config={"wideep": {"enabled": True, **options}},
             max_model_len=256,
             enforce_eager=True,
             seed=0,
@@ -55,12 +58,13 @@ def _child(spec: dict) -> None:
                 _logprobs(llm.generate([p], params, use_tqdm=False))[0] for p in PROMPTS
             ],
         }
-        print("RESULT " + json.dumps({"engine": [model, dtype], "runs": runs}), flush=True)
+        print("RESULT " + json.dumps({"engine": [model, dtype, options], "runs": runs}), flush=True)
         del llm
 
 
-def _results(engines: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
-    """(model, dtype) -> {how: logprobs}, from one child process (the engines in turn)."""
+def _results(engines: list[list]) -> list[dict]:
+    """[model, dtype, options] each -> [{how: logprobs}], from one child process (the
+    engines in turn)."""
     # Imported here: the child runs this file as a script, without the repository root
     # on its path.
     from tests.e2e.launch import e2e_env, run_group
@@ -68,20 +72,36 @@ def _results(engines: list[tuple[str, str]]) -> dict[tuple[str, str], dict]:
     spec = json.dumps({"engines": engines})
     output = run_group([sys.executable, __file__, spec], e2e_env(num_ranks=2), timeout=600)
     lines = [x.removeprefix("RESULT ") for x in output.splitlines() if x.startswith("RESULT ")]
-    return {tuple(line["engine"]): line["runs"] for line in map(json.loads, lines)}
+    results = list(map(json.loads, lines))
+    assert [r["engine"] for r in results] == engines, output[-3000:]
+    return [r["runs"] for r in results]
+
+
+def _cross_rank_replicas(path) -> str:
+    """A placement file for the tiny Qwen3-MoE at EP 2: each rank holds its 8 experts plus
+    a replica of 2 of the other rank's."""
+    from vllm_wideep.eplb.files import ModelIdentity, PlacementRecord, write_placement
+    from vllm_wideep.eplb.placement import Placement
+
+    row = [*range(8), 8, 9, *range(8, 16), 0, 1]
+    layers = [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    model = ModelIdentity("Qwen3MoeForCausalLM", num_experts=16, hidden_size=128)
+    placement = Placement(torch.tensor([row, row]), num_ranks=2)
+    write_placement(path, PlacementRecord(model, layers, placement))
+    return str(path)
 
 
 @pytest.mark.slow
-def test_reruns_are_bit_identical(tiny_model):
-    qwen = (tiny_model("qwen3_moe"), "float32")
-    deepseek = (tiny_model("deepseek_v3"), "bfloat16")
+def test_reruns_are_bit_identical(tiny_model, tmp_path):
+    placement = _cross_rank_replicas(tmp_path / "placement.json")
+    qwen = [tiny_model("qwen3_moe"), "float32", {"placement": placement}]
+    deepseek = [tiny_model("deepseek_v3"), "bfloat16", {}]
     first = _results([qwen, deepseek])
-    fresh = _results([deepseek])
-    assert list(first) == [qwen, deepseek] and list(fresh) == [deepseek]
-    for engine, runs in first.items():
+    (fresh,) = _results([deepseek])
+    for engine, runs in zip([qwen, deepseek], first, strict=True):
         for how, logprobs in runs.items():
             assert logprobs == runs["batch"], f"{engine}: {how} differs from the first batch"
-    assert fresh[deepseek]["batch"] == first[deepseek]["batch"], "a fresh engine differs"
+    assert fresh["batch"] == first[1]["batch"], "a fresh engine differs"
 
 
 if __name__ == "__main__":

@@ -528,7 +528,7 @@ def test_record_from_the_metrics_page(server, tmp_path, capsys, monkeypatch):
         layers = []
         for name in ("model.layers.10.mlp.experts", "model.layers.9.mlp.experts"):
             slots = ExpertSlots.create(name, [torch.zeros(16, 2)], 16, 1, 0, routed=False)
-            slots.route(torch.tensor([[rank], [15]]))
+            slots.route(torch.tensor([[rank], [15]]), torch.randn(2, 8))
             layers.append(slots)
         balancer = Balancer(layers, WideEPConfig(enabled=True), None)
         balancer.step()

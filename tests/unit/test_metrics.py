@@ -20,7 +20,7 @@ def balancer():
     weights = [torch.zeros(4, 2)]
     layer = ExpertSlots.create("layers.1", weights, 4, 1, 0, routed=False)
     balancer = Balancer([layer], WideEPConfig(enabled=True), None)
-    layer.route(torch.tensor([[0], [0], [3]]))
+    layer.route(torch.tensor([[0], [0], [3]]), torch.randn(3, 8))
     layer.tokens_per_slot += torch.tensor([2, 0, 0, 1])
     balancer.step()
     return balancer

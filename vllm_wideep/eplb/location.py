@@ -8,16 +8,18 @@ for replicas. Until a placement moves them, extra slot j holds a copy of local e
 
 Routing (logical expert id -> slot). With a placement (redundant slots, a placement file,
 or online rebalancing) a logical expert lives in one or more slots. Each (token, choice)
-goes to
-
-    the expert's slot on this rank, if there is one (no traffic), else
-    replica `(token index + rank) % replica_count` of it (tokens spread evenly).
+goes to replica `row_key(token) % replica_count` of the expert, a key from the token's own
+hidden-state bits (`row_keys`): tokens spread over the replicas like random numbers, and a
+token takes the same slot whatever its batch, its position in it or the rank that
+dispatches it. That keeps outputs bit-identical from run to run: combine adds a token's
+per-rank partial sums in rank order (`comm/exchange.add_rows`), so which rank computes a
+pair decides which sum it joins. (Preferring a replica on the dispatching rank would save
+its traffic, but then a token's sums would depend on where the scheduler put it.)
 
 Worked example (E = 4, R = 2, S = 3; rank 0 holds [0, 2, 1], rank 1 holds [0, 1, 3]):
 
     log2phy = [[0, 3], [2, 4], [1, -1], [5, -1]]     replica_count = [2, 2, 1, 1]
-    rank 0: local_slot = [0, 2, 1, -1]  -> expert 3 goes to slot 5, the rest stay home
-    rank 1: local_slot = [3, 4, -1, 5]  -> expert 2 goes to slot 1, the rest stay home
+    a token with key 7 choosing experts [0, 3] goes to slots [log2phy[0, 7 % 2], 5] = [3, 5]
 
 The tables are device tensors of fixed shape, updated in place (`ExpertRouting.load`), so a
 captured CUDA graph sees a new placement without being captured again.
@@ -35,24 +37,20 @@ from vllm_wideep.eplb.stats import record
 
 
 class ExpertRouting:
-    """One layer's logical -> physical tables on one rank.
+    """One layer's logical -> physical tables (the same on every rank).
 
     log2phy: `[E, max_replicas]` int64, the slots of each expert ascending, `-1` = padding.
     replica_count: `[E]` int64, slots per expert (>= 1).
-    local_slot: `[E]` int64, the expert's first slot on this rank, `-1` = none.
     """
 
-    def __init__(self, num_experts: int, max_replicas: int, rank: int, device):
-        self.rank = rank
+    def __init__(self, num_experts: int, max_replicas: int, device):
         self.log2phy = torch.full((num_experts, max_replicas), -1, dtype=torch.int64, device=device)
         self.replica_count = torch.ones(num_experts, dtype=torch.int64, device=device)
-        self.local_slot = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
 
     def load(self, physical_to_logical: torch.Tensor, slots_per_rank: int) -> None:
         """Fill the tables (in place) from one layer's placement `[N]` int64."""
         num_experts, max_replicas = self.log2phy.shape
-        tables = routing_tables(physical_to_logical, num_experts, slots_per_rank, self.rank)
-        log2phy, replica_count, local_slot = tables
+        log2phy, replica_count = routing_tables(physical_to_logical, num_experts, slots_per_rank)
         if log2phy.shape[1] > max_replicas:
             raise ValueError(
                 f"an expert has {log2phy.shape[1]} replicas, more than the {max_replicas} "
@@ -61,36 +59,37 @@ class ExpertRouting:
         self.log2phy.fill_(-1)
         self.log2phy[:, : log2phy.shape[1]].copy_(log2phy)
         self.replica_count.copy_(replica_count)
-        self.local_slot.copy_(local_slot)
 
-    def to_physical(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """topk_ids `[M, k]` logical ids (`-1` = none) -> `[M, k]` int64 slots (`-1` kept)."""
-        valid = topk_ids >= 0
+    def to_physical(self, topk_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """topk_ids `[M, k]` logical ids (`-1` = none), hidden_states `[M, H]` the tokens ->
+        `[M, k]` int64 slots (`-1` kept)."""
         ids = topk_ids.long().clamp(min=0)
-        token = torch.arange(ids.shape[0], device=ids.device)[:, None] + self.rank
-        replica = token % self.replica_count[ids]
-        spread = self.log2phy[ids, replica]
-        local = self.local_slot[ids]
-        slots = torch.where(local >= 0, local, spread)
-        return torch.where(valid, slots, -1)
+        replica = row_keys(hidden_states)[:, None] % self.replica_count[ids]
+        return torch.where(topk_ids >= 0, self.log2phy[ids, replica], -1)
+
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+
+
+def row_keys(hidden_states: torch.Tensor) -> torch.Tensor:
+    """hidden_states `[M, H]` (16- or 32-bit floats) -> `[M]` int64 >= 0, a key from each
+    row's own bits: its first 8 values read as integers, summed with odd weights. The low
+    mantissa bits make keys spread like random numbers; equal rows get equal keys."""
+    head = hidden_states[:, :8].contiguous()
+    bits = head.view(_INT_OF_SIZE[head.element_size()]).long()
+    weights = torch.arange(1, 2 * bits.shape[1], 2, device=bits.device)  # 1, 3, 5, ...
+    return (bits * weights).sum(dim=1).abs()
 
 
 def routing_tables(
-    physical_to_logical: torch.Tensor, num_experts: int, slots_per_rank: int, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One layer's placement `[N]` -> (log2phy `[E, max_replicas]`, replica_count `[E]`,
-    local_slot `[E]`) on CPU, as described in `ExpertRouting`."""
+    physical_to_logical: torch.Tensor, num_experts: int, slots_per_rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's placement `[N]` -> (log2phy `[E, max_replicas]`, replica_count `[E]`) on
+    CPU, as described in `ExpertRouting`."""
     phy2log = physical_to_logical.to("cpu", torch.int64)
-    num_slots = phy2log.shape[0]
-    placement = Placement(phy2log[None], num_ranks=num_slots // slots_per_rank)
+    placement = Placement(phy2log[None], num_ranks=phy2log.shape[0] // slots_per_rank)
     placement.validate(num_experts, placement.num_ranks)
-    log2phy = placement.logical_to_physical[0]
-    replica_count = placement.replica_count[0]
-    mine = torch.arange(rank * slots_per_rank, (rank + 1) * slots_per_rank)
-    no_slot = torch.full((num_experts,), num_slots, dtype=torch.int64)
-    local_slot = no_slot.scatter_reduce(0, phy2log[mine], mine, "amin")
-    local_slot[local_slot == num_slots] = -1
-    return log2phy, replica_count, local_slot
+    return placement.logical_to_physical[0], placement.replica_count[0]
 
 
 def home_placement(num_experts: int, num_ranks: int, slots_per_rank: int) -> torch.Tensor:
@@ -155,7 +154,7 @@ class ExpertSlots:
         device = weights[0].device
         routing = None
         if routed or slots_per_rank > experts_per_rank:
-            routing = ExpertRouting(num_experts, len(home) - num_experts + 1, rank, device)
+            routing = ExpertRouting(num_experts, len(home) - num_experts + 1, device)
         slots = cls(
             layer_name=layer_name,
             num_experts=num_experts,
@@ -172,12 +171,13 @@ class ExpertSlots:
             slots.set_placement(home)
         return slots
 
-    def route(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Record this batch's logical choices, return their slots. topk_ids `[M, k]`."""
+    def route(self, topk_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Record this batch's logical choices, return their slots. topk_ids `[M, k]`,
+        hidden_states `[M, H]` the tokens (`ExpertRouting.to_physical`)."""
         record(self.step_counts, topk_ids)
         if self.routing is None:
             return topk_ids
-        return self.routing.to_physical(topk_ids)
+        return self.routing.to_physical(topk_ids, hidden_states)
 
     def set_placement(self, physical_to_logical: torch.Tensor) -> None:
         """Point the routing tables at a placement whose weights are in place."""

@@ -114,7 +114,8 @@ class WideEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             a1 = a1 * topk_weights.to(a1.dtype)
             topk_weights = torch.ones_like(topk_weights)
         start, end = self.token_slice.bounds(a1.shape[0])
-        slot_ids = self.slots.route(topk_ids[start:end])  # logical ids -> slots, counted
+        # logical ids -> slots, counted
+        slot_ids = self.slots.route(topk_ids[start:end], a1[start:end])
         result = self.dispatcher.dispatch(a1[start:end], slot_ids, topk_weights[start:end])
         self._pending = _Pending(result.handle, start, end)
         # FP8 rows travel with their scales (fp8 dispatch to FP8 experts): vLLM hands them
