@@ -244,15 +244,24 @@ def drive(url: str, requests: list[SoakRequest], concurrency: int) -> list[Outco
     return asyncio.run(_drive(url, requests, concurrency))
 
 
-def rss_by_process(group: int) -> dict[str, int]:
-    """Resident bytes of each live process of the server's group, by its name (vLLM names
-    its processes `VLLM::EngineCore_DP0`, ...; the front end is `vllm serve`)."""
-    sizes = {}
+def named_processes(group: int) -> dict[str, psutil.Process]:
+    """The live processes of the server's group by `"<name> (<pid>)"`: vLLM's process title
+    (`VLLM::EngineCore_DP0`, `VLLM::Worker_TP0`, ...), "API server" for the group leader."""
+    processes = {}
     for process in group_processes(group):
         with contextlib.suppress(psutil.Error):
             command = " ".join(process.cmdline()).strip()
             name = "API server" if process.pid == group else command[:48]
-            sizes[f"{name} ({process.pid})"] = process.memory_info().rss
+            processes[f"{name} ({process.pid})"] = process
+    return processes
+
+
+def rss_by_process(group: int) -> dict[str, int]:
+    """Resident bytes of each live process of the server's group (`named_processes`)."""
+    sizes = {}
+    for name, process in named_processes(group).items():
+        with contextlib.suppress(psutil.Error):
+            sizes[name] = process.memory_info().rss
     return sizes
 
 

@@ -39,17 +39,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.soak import SERVE, drive, soak_requests  # noqa: E402
-from tests.e2e.launch import Server, e2e_env, group_processes  # noqa: E402
+from benchmarks.serve import ServeConfig  # noqa: E402
+from benchmarks.soak import SERVE, drive, named_processes, soak_requests  # noqa: E402
+from tests.e2e.launch import Server, e2e_env  # noqa: E402
 from vllm_wideep.tiny_models import build_tiny_model  # noqa: E402
 
 MIB = 1 << 20
@@ -58,53 +56,36 @@ BALANCER = ["--wideep-redundant-experts", "2", "--wideep-eplb", "online"]
 BALANCER += ["--wideep-eplb-interval", "4", "--wideep-eplb-window", "16"]
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
-    """One server: `vllm serve` flags, ranks (one core each when 2), plugin loaded."""
-
-    name: str
-    args: tuple[str, ...]
-    ranks: int
-    plugin: bool
-
-
 CONFIGS = {
     c.name: c
     for c in (
-        MemoryConfig("wideep-dp2", tuple(SERVE), 2, plugin=True),
-        MemoryConfig(
+        ServeConfig("wideep-dp2", tuple(SERVE), 2, plugin=True),
+        ServeConfig(
             "wideep-tp2",
             ("--enable-wideep", "--tensor-parallel-size", "2", *BALANCER, *COMMON),
             2,
             plugin=True,
         ),
-        MemoryConfig("stock-tp2", ("--tensor-parallel-size", "2", *COMMON), 2, plugin=False),
-        MemoryConfig("stock-tp1", tuple(COMMON), 1, plugin=False),
+        ServeConfig("stock-tp2", ("--tensor-parallel-size", "2", *COMMON), 2, plugin=False),
+        ServeConfig("stock-tp1", tuple(COMMON), 1, plugin=False),
     )
 }
 
 
 def process_memory(group: int) -> dict[str, dict[str, float]]:
-    """`"<name> (<pid>)"` -> {"rss", "anon"} in MiB for each live process of the group.
-    name: vLLM's process title (`VLLM::EngineCore_DP0`, `VLLM::Worker_TP0`, ...), or
-    "API server" for the group leader."""
+    """`"<name> (<pid>)"` (`named_processes`) -> {"rss", "anon"} in MiB for each live
+    process of the group."""
     memory = {}
-    for process in group_processes(group):
-        with contextlib.suppress(psutil.Error, OSError):
-            name = (
-                "API server" if process.pid == group else " ".join(process.cmdline()).strip()[:40]
-            )
+    for name, process in named_processes(group).items():
+        with contextlib.suppress(OSError):
             status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
             fields = dict(line.split(":", 1) for line in status if ":" in line)
             kib = {key: int(fields[key].split()[0]) for key in ("VmRSS", "RssAnon")}
-            memory[f"{name} ({process.pid})"] = {
-                "rss": kib["VmRSS"] / 1024,
-                "anon": kib["RssAnon"] / 1024,
-            }
+            memory[name] = {"rss": kib["VmRSS"] / 1024, "anon": kib["RssAnon"] / 1024}
     return memory
 
 
-def measure(config: MemoryConfig, model: str, dtype: str, args: argparse.Namespace) -> dict:
+def measure(config: ServeConfig, model: str, dtype: str, args: argparse.Namespace) -> dict:
     """Samples after the warm-up and after each round: [{"requests", "seconds", "load",
     "memory"}]."""
     requests = soak_requests(args.requests, 0.1, seed=0)

@@ -905,6 +905,28 @@ def _experts_layout(prefix: str, num_experts: int, hidden: int, intermediate: in
     return layout
 
 
+def _moe_mlp_layout(
+    mlp: str,
+    dense: bool,
+    hidden: int,
+    dense_size: int,
+    num_experts: int,
+    expert_size: int,
+    shared_size: int,
+    gate_bias: str | None = None,
+) -> TensorLayout:
+    """A decoder layer's ``mlp``: a dense MLP of ``dense_size`` when ``dense`` (the first
+    ``first_k_dense_replace`` layers), else ``gate.weight`` (plus ``gate.{gate_bias}``),
+    routed ``experts`` and ``shared_experts`` of ``shared_size``."""
+    if dense:
+        return _mlp_layout(mlp, hidden, dense_size)
+    layout = {f"{mlp}.gate.weight": (num_experts, hidden)}
+    if gate_bias is not None:
+        layout[f"{mlp}.gate.{gate_bias}"] = (num_experts,)
+    layout.update(_experts_layout(f"{mlp}.experts", num_experts, hidden, expert_size))
+    return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared_size)}
+
+
 def _decoder_layout(
     config: PretrainedConfig, embed: str, layer: Callable[[str, int], TensorLayout]
 ) -> TensorLayout:
@@ -939,17 +961,19 @@ def _bailing_layout(config: PretrainedConfig) -> TensorLayout:
         if getattr(c, "use_qk_norm", False):
             layout[f"{prefix}.attention.query_layernorm.weight"] = (head,)
             layout[f"{prefix}.attention.key_layernorm.weight"] = (head,)
-        mlp = f"{prefix}.mlp"
-        if index < c.first_k_dense_replace:
-            return {**layout, **_mlp_layout(mlp, hidden, c.intermediate_size)}
-        layout[f"{mlp}.gate.weight"] = (c.num_experts, hidden)
-        if getattr(c, "moe_router_enable_expert_bias", False):
-            layout[f"{mlp}.gate.expert_bias"] = (c.num_experts,)
-        layout.update(
-            _experts_layout(f"{mlp}.experts", c.num_experts, hidden, c.moe_intermediate_size)
-        )
-        shared = c.moe_shared_expert_intermediate_size * c.num_shared_experts
-        return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared)}
+        return {
+            **layout,
+            **_moe_mlp_layout(
+                f"{prefix}.mlp",
+                index < c.first_k_dense_replace,
+                hidden,
+                c.intermediate_size,
+                c.num_experts,
+                c.moe_intermediate_size,
+                c.moe_shared_expert_intermediate_size * c.num_shared_experts,
+                "expert_bias" if getattr(c, "moe_router_enable_expert_bias", False) else None,
+            ),
+        }
 
     return _decoder_layout(config, "word_embeddings", layer)
 
@@ -964,15 +988,18 @@ def _deepseek_layout(config: PretrainedConfig) -> TensorLayout:
         layout = _attention_layout(
             f"{prefix}.self_attn", hidden, c.num_attention_heads, c.num_key_value_heads, head
         )
-        mlp = f"{prefix}.mlp"
-        if index < c.first_k_dense_replace:
-            return {**layout, **_mlp_layout(mlp, hidden, c.intermediate_size)}
-        layout[f"{mlp}.gate.weight"] = (c.n_routed_experts, hidden)
-        layout.update(
-            _experts_layout(f"{mlp}.experts", c.n_routed_experts, hidden, c.moe_intermediate_size)
-        )
-        shared = c.moe_intermediate_size * c.n_shared_experts
-        return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared)}
+        return {
+            **layout,
+            **_moe_mlp_layout(
+                f"{prefix}.mlp",
+                index < c.first_k_dense_replace,
+                hidden,
+                c.intermediate_size,
+                c.n_routed_experts,
+                c.moe_intermediate_size,
+                c.moe_intermediate_size * c.n_shared_experts,
+            ),
+        }
 
     return _decoder_layout(config, "embed_tokens", layer)
 
@@ -1008,16 +1035,19 @@ def _sarvam_mla_layout(config: PretrainedConfig) -> TensorLayout:
             ),
             f"{attention}.o_proj.weight": (hidden, heads * c.v_head_dim),
         }
-        mlp = f"{prefix}.mlp"
-        if index < c.first_k_dense_replace:
-            return {**layout, **_mlp_layout(mlp, hidden, c.intermediate_size)}
-        layout[f"{mlp}.gate.weight"] = (c.num_experts, hidden)
-        layout[f"{mlp}.gate.e_score_correction_bias"] = (c.num_experts,)
-        layout.update(
-            _experts_layout(f"{mlp}.experts", c.num_experts, hidden, c.moe_intermediate_size)
-        )
-        shared = c.moe_shared_expert_intermediate_size * c.num_shared_experts
-        return {**layout, **_mlp_layout(f"{mlp}.shared_experts", hidden, shared)}
+        return {
+            **layout,
+            **_moe_mlp_layout(
+                f"{prefix}.mlp",
+                index < c.first_k_dense_replace,
+                hidden,
+                c.intermediate_size,
+                c.num_experts,
+                c.moe_intermediate_size,
+                c.moe_shared_expert_intermediate_size * c.num_shared_experts,
+                "e_score_correction_bias",
+            ),
+        }
 
     return _decoder_layout(config, "embed_tokens", layer)
 

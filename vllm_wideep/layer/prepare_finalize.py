@@ -45,14 +45,16 @@ def gather_slices(
     combined: torch.Tensor, token_slice: TokenSlice, num_tokens: int, tp_group
 ) -> torch.Tensor:
     """combined `[end - start, H]`, this rank's slice -> `[num_tokens, H]`, every slice in
-    token order, the same on every TP rank (`tp_group`: vLLM's GroupCoordinator). Slices
-    are padded to one size for the fixed-size all-gather."""
+    token order, the same on every TP rank (`tp_group`: vLLM's GroupCoordinator). Short
+    slices (the last ranks') are padded to one size for the fixed-size all-gather."""
     if token_slice.size == 1:
         return combined
     per_rank = token_slice.per_rank(num_tokens)
-    padded = combined.new_zeros(per_rank, combined.shape[1])
-    padded[: combined.shape[0]] = combined
-    return tp_group.all_gather(padded, dim=0)[:num_tokens]
+    if combined.shape[0] < per_rank:
+        padded = combined.new_zeros(per_rank, combined.shape[1])
+        padded[: combined.shape[0]] = combined
+        combined = padded
+    return tp_group.all_gather(combined, dim=0)[:num_tokens]
 
 
 @dataclass(frozen=True)
