@@ -10,11 +10,13 @@ slots per rank and EP 64 with S = 5 (one redundant slot per rank), Zipf 1.0 and 
                  plan_placement(..., current=prev) against rebalance_experts(...,
                  old_global_expert_indices=prev)
 
-    time          median of `--repeats` calls, seconds for all L layers
+    time          median of `--repeats` calls, seconds for all L layers; the two policies'
+                  calls alternate (ours, vLLM's, ours, ...) so a change in machine load
+                  during the run weighs on both alike
     balancedness  mean / max rank load, mean over layers (min over layers in brackets)
     moved         slots whose expert changed, incremental only, all layers
 
-    python benchmarks/eplb_plan.py [--layers 58] [--repeats 3] [--json out.json]
+    python benchmarks/eplb_plan.py [--layers 58] [--repeats 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,24 +38,40 @@ SHAPES = ((32, 9), (64, 5))  # (R, S): 288 and 320 slots per layer
 ALPHAS = (1.0, 1.2)
 
 
-def timed(policy, repeats, *args):
-    """(plan, median seconds) of `repeats` calls."""
-    seconds = []
+POLICIES = (("ours", plan_placement), ("vllm", deepseek))
+
+
+def timed(calls, repeats):
+    """calls: {name: zero-argument function}. Returns {name: (result, median seconds)} of
+    `repeats` rounds, each round calling every function once, in turn."""
+    seconds = {name: [] for name in calls}
+    results = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        plan = policy(*args)
-        seconds.append(time.perf_counter() - start)
-    return plan, statistics.median(seconds)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            results[name] = call()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: (results[name], statistics.median(seconds[name])) for name in calls}
 
 
 def row(alpha, num_ranks, slots_per_rank, layers, repeats):
     trace = drifting_load(2, layers, E, TOKENS, alpha, 0.02, seed=num_ranks + int(alpha * 10))
     out = {"alpha": alpha, "ep": num_ranks, "slots_per_rank": slots_per_rank}
-    for name, policy in (("ours", plan_placement), ("vllm", deepseek)):
-        fresh, fresh_s = timed(policy, repeats, trace[0], num_ranks, slots_per_rank)
-        inc, inc_s = timed(policy, repeats, trace[1], num_ranks, slots_per_rank, fresh)
-        fresh_bal = Placement(fresh, num_ranks).balancedness(trace[0])
-        inc_bal = Placement(inc, num_ranks).balancedness(trace[1])
+    fresh = timed(
+        {name: (lambda p=p: p(trace[0], num_ranks, slots_per_rank)) for name, p in POLICIES},
+        repeats,
+    )
+    inc = timed(
+        {
+            name: (lambda p=p, prev=fresh[name][0]: p(trace[1], num_ranks, slots_per_rank, prev))
+            for name, p in POLICIES
+        },
+        repeats,
+    )
+    for name, _ in POLICIES:
+        (fresh_plan, fresh_s), (inc_plan, inc_s) = fresh[name], inc[name]
+        fresh_bal = Placement(fresh_plan, num_ranks).balancedness(trace[0])
+        inc_bal = Placement(inc_plan, num_ranks).balancedness(trace[1])
         out[name] = {
             "fresh_s": fresh_s,
             "incremental_s": inc_s,
@@ -61,7 +79,7 @@ def row(alpha, num_ranks, slots_per_rank, layers, repeats):
             "fresh_bal_min": fresh_bal.min().item(),
             "incremental_bal": inc_bal.mean().item(),
             "incremental_bal_min": inc_bal.min().item(),
-            "moved": int((inc != fresh).sum()),
+            "moved": int((inc_plan != fresh_plan).sum()),
         }
     return out
 
@@ -69,7 +87,7 @@ def row(alpha, num_ranks, slots_per_rank, layers, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=58)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -132,3 +132,20 @@ def test_eplb_overlap_benchmark_runs_at_a_tiny_shape(tmp_path):
     subprocess.run(argv, check=True, timeout=300, cwd=serve.REPO)
     times = json.loads(out.read_text())["seconds_per_step"]
     assert set(times) == {"plain", "sync", "overlap"} and all(t > 0 for t in times.values())
+
+
+def test_eplb_plan_alternates_the_policies():
+    from benchmarks import eplb_plan
+
+    order = []
+    out = eplb_plan.timed({"a": lambda: order.append("a") or 1, "b": lambda: order.append("b")}, 3)
+    assert order == ["a", "b"] * 3
+    assert out["a"][0] == 1 and out["b"][0] is None
+    assert all(seconds >= 0 for _, seconds in out.values())
+
+    result = eplb_plan.row(1.2, 32, 9, layers=2, repeats=1)
+    for name in ("ours", "vllm"):
+        figures = result[name]
+        assert 0 < figures["fresh_bal_min"] <= figures["fresh_bal"] <= 1
+        assert 0 < figures["incremental_bal_min"] <= figures["incremental_bal"] <= 1
+        assert 0 <= figures["moved"] <= 2 * 32 * 9

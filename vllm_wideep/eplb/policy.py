@@ -192,6 +192,21 @@ def _rank_load(w: np.ndarray, bins: np.ndarray, count: np.ndarray | None = None)
     return np.take_along_axis(share, flat, axis=1).reshape(bins.shape).sum(axis=2)
 
 
+def _twice_on_rank(bins: np.ndarray) -> np.ndarray:
+    """bins: `[B, R, S]` expert ids (no `-1`) -> `[B, R, S]` bool, whether the slot's expert
+    sits in another slot of the same rank too. Sorting S ids per rank is far cheaper than
+    `_held`'s `[B, R, E]` counts when S << E."""
+    order = np.argsort(bins, axis=2, kind="stable")
+    ranked = np.take_along_axis(bins, order, axis=2)
+    same = ranked[..., 1:] == ranked[..., :-1]  # [B, R, S - 1]
+    twice = np.zeros(bins.shape, dtype=bool)
+    twice[..., 1:] |= same
+    twice[..., :-1] |= same
+    out = np.empty_like(twice)
+    np.put_along_axis(out, order, twice, axis=2)
+    return out
+
+
 def _argsort_rows(a: np.ndarray) -> np.ndarray:
     """`[B, n]` float -> `[B, n]` int64, a stable argsort along axis 1 (ties: lower index
     first). numpy's stable sort is about 3x slower than its default one; rank loads
@@ -350,7 +365,12 @@ def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
     slot_share = np.take_along_axis(share, np.maximum(flat, 0), axis=1).reshape(bins.shape)
     rank_load = np.where(filled, slot_share, 0.0).sum(axis=2)  # [B, R]
     free = (~filled).sum(axis=2)  # [B, R]
-    holds = _held(bins, share.shape[1]).transpose(0, 2, 1) > 0  # [B, E, R]
+    num_experts = share.shape[1]
+    # holds[b * E + e, r]: rank r of row b holds expert e. Scattered from the filled slots:
+    # cheaper than transposing `_held`'s `[B, R, E]` counts.
+    holds = np.zeros((num_rows * num_experts, num_ranks), dtype=bool)
+    b, r, _ = np.nonzero(filled)
+    holds[b * num_experts + bins[filled], r] = True
     # Descending share, ties in the given (ascending id) order; `-1` last.
     item_share = np.where(experts >= 0, np.take_along_axis(share, np.maximum(experts, 0), 1), -1)
     order = np.argsort(-item_share, axis=1, kind="stable")
@@ -361,8 +381,6 @@ def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
     cand = np.where(free > 0, rank_load, np.inf).reshape(-1)  # [B * R], flat: fast indexing
     free = free.reshape(-1)
     penalty = (2 * (rank_load.sum(axis=1) + item_share.sum(axis=1)) + 1)[:, None]
-    holds = holds.reshape(-1, num_ranks)  # [B * E, R]
-    num_experts = share.shape[1]
     placed_rank = np.full(experts.shape, -1, dtype=np.int64)
     real_items = (experts >= 0).sum(axis=1)
     first = 0
@@ -566,7 +584,7 @@ def _keep(w: np.ndarray, fresh: np.ndarray, bound: np.ndarray, old: np.ndarray) 
     both_peak = _rank_load(w[layer], both).max(axis=1)
     both_moved = (both != old[layer]).sum(axis=(1, 2)).astype(np.float64)
     if slots_per_rank <= num_experts:  # a second copy on a rank is avoidable
-        both_moved[(_held(both, num_experts) > 1).any(axis=(1, 2))] = np.inf
+        both_moved[_twice_on_rank(both).any(axis=(1, 2))] = np.inf
     repairs = []
     for part, rows in ((slice(0, len(mine)), mine), (slice(len(mine), None), slice(None))):
         repaired = old[todo].copy()
@@ -643,19 +661,19 @@ def _repair(w: np.ndarray, want: np.ndarray, old: np.ndarray, target: np.ndarray
     rank = np.broadcast_to(np.arange(flat.shape[1])[None, :] // slots_per_rank, flat.shape)
     rank_load = _rank_load(w, old, want)  # [B, R] under the new counts
     surplus = np.take_along_axis(_counts(old, num_experts) - want, flat, 1)  # [B, N]
-    dup = _held(old, num_experts)[rows, rank, flat] > 1
+    dup = _twice_on_rank(old).reshape(num_rows, -1)  # [B, N]
     # Per (row, expert), drop copies on ranks holding it twice first, then on the
-    # most-loaded ranks, until `want` copies are left.
-    order = np.lexsort(
-        (
-            np.arange(flat.size),
-            -rank_load[rows, rank].reshape(-1),
-            ~dup.reshape(-1),
-            flat.reshape(-1),
-            rows.reshape(-1),
-        )
+    # most-loaded ranks (ties: lower rank), until `want` copies are left. One sort key,
+    # unique per slot: (row, expert, not a duplicate, rank by descending load, slot).
+    by_load = np.argsort(-rank_load, axis=1, kind="stable")  # [B, R]
+    heaviness = np.empty_like(by_load)
+    np.put_along_axis(heaviness, by_load, np.arange(num_ranks)[None, :], axis=1)
+    group = rows * num_experts + flat  # [B, N]
+    key = (group * 2 + ~dup) * flat.shape[1] + (
+        heaviness[rows, rank] * slots_per_rank + np.arange(flat.shape[1]) % slots_per_rank
     )
-    nth = _nth_in_group((rows * num_experts + flat).reshape(-1)[order])
+    order = np.argsort(key.reshape(-1))
+    nth = _nth_in_group(group.reshape(-1)[order])
     drop = np.zeros(flat.size, dtype=bool)
     drop[order] = nth < surplus.reshape(-1)[order]
     flat.reshape(-1)[drop] = -1
