@@ -3,6 +3,7 @@ against stock vLLM, then the same traffic with one injected bad expert transfer.
 
     python benchmarks/soak.py [--requests 400] [--concurrency 32] [--arch qwen3_moe]
         [--dtype float32] [--disconnect-fraction 0.1] [--seed 0] [--warm-up 2000]
+        [--onednn-cache-capacity 16]
 
 The server (`SERVE`): `vllm serve --enable-wideep --data-parallel-size 2` on the tiny
 checkpoint (EP 2, one rank per core), 2 redundant slots, a new placement planned every 4
@@ -13,11 +14,21 @@ request, prompts of 1 to 64 words and 4 to 64 output tokens drawn with `--seed`,
 a drawn number of chunks.
 
 Two runs on one server, after a warm-up of `--warm-up` requests drawn the same way
-(another seed; `soak()` defaults to 2 x the concurrency). Resident memory of vLLM's CPU
-workers, stock vLLM's too, grows with the requests served and levels off slowly: by 30 to
-45 MiB per worker in the first 400 requests, about 20 in the fifth, 12 to 14 in the tenth
-(benchmarks/soak_memory.py, docs/benchmarks.md). 2000 warm-up requests take the RSS start
-past the steepest part.
+(another seed; `soak()` defaults to 2 x the concurrency).
+
+The server runs with oneDNN's primitive cache capped at `--onednn-cache-capacity` entries
+(`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, default 16 here; oneDNN's own default is 1024). vLLM's
+CPU linear layers (`onednn_mm`) build a oneDNN primitive per batch token count, each kept in
+that process-wide cache (0.38 MiB each for the tiny model's qkv_proj), so with oneDNN's
+default every worker's RSS grows with each new batch size until the cache is full: by 21
+to 59 MiB per wide-EP worker per 400 requests over the first 2000 (stock vLLM's worker
+too, 27 to 151), levelling off over thousands of requests. With 16 entries it is flat
+after the first 400 requests (0.0 to 2.4 MiB per worker per 400, 0.0 to 0.3 in the last
+four of 10 rounds; benchmarks/soak_memory.py, docs/benchmarks.md "Resident memory over
+longer runs"), so growth left in the soak's RSS is not that cache. The cap costs a
+primitive rebuild at most batch sizes (0.44 ms per `onednn_mm` call against 0.13 ms,
+tiny-model shapes, one thread); the plugin itself sets nothing. The 2000 warm-up requests
+(chosen before the cap) are kept.
 
     clean          the requests as drawn
     bad transfer   `wideep_fault_drill` armed on every EP rank first (the next expert
@@ -86,9 +97,13 @@ VOCABULARY = " ".join(WORDS).split(" ")
 MAX_PROMPT_WORDS = 64
 OUTPUT_TOKENS = (4, 64)
 REQUEST_TIMEOUT_S = 180
-# Warm-up requests of the command line: the workers' RSS grows by 30 to 45 MiB each in the
-# first 400 requests and by about 20 in the fifth (docs/benchmarks.md, soak section).
+# Warm-up requests of the command line (chosen before the cache cap below, when the workers'
+# RSS grew by 30 to 45 MiB each in the first 400 requests; docs/benchmarks.md, soak section).
 WARM_UP_REQUESTS = 2000
+# oneDNN primitive cache entries of the server's processes (ONEDNN_PRIMITIVE_CACHE_CAPACITY;
+# oneDNN's default 1024): a primitive per batch size and linear layer shape, 0.38 MiB each
+# for qkv_proj, filled the default cache over thousands of requests (module docstring).
+ONEDNN_CACHE_CAPACITY = 16
 # soak()'s default warm-up, in multiples of the concurrency (the short test's).
 WARM_UP_ROUNDS = 2
 MIB = 1 << 20
@@ -357,10 +372,11 @@ def soak(
     concurrency: int,
     server_log: Path | None = None,
     warm_up: int | None = None,
+    onednn_cache: int = ONEDNN_CACHE_CAPACITY,
 ) -> list[RunResult]:
     """The clean run and the bad-transfer run on one server, after `warm_up` requests
     (None: `WARM_UP_ROUNDS` x `concurrency`); stock vLLM's reference is computed meanwhile
-    in another process group."""
+    in another process group. onednn_cache: the server's oneDNN primitive cache capacity."""
     reference: dict[str, dict] = {}
     failure: list[BaseException] = []
 
@@ -376,7 +392,11 @@ def soak(
     warm_up_requests = soak_requests(
         WARM_UP_ROUNDS * concurrency if warm_up is None else warm_up, hanging_up, seed=-1
     )
-    env = e2e_env(num_ranks=2, VLLM_SERVER_DEV_MODE="1")  # POST /collective_rpc
+    env = e2e_env(
+        num_ranks=2,
+        VLLM_SERVER_DEV_MODE="1",  # POST /collective_rpc
+        ONEDNN_PRIMITIVE_CACHE_CAPACITY=str(onednn_cache),
+    )
     runs = []
     with Server(model, [*SERVE, "--dtype", dtype], env) as server:
         try:
@@ -434,12 +454,24 @@ def main() -> None:
     parser.add_argument(
         "--warm-up", type=int, default=WARM_UP_REQUESTS, help="requests before the first run"
     )
+    parser.add_argument(
+        "--onednn-cache-capacity",
+        type=int,
+        default=ONEDNN_CACHE_CAPACITY,
+        help="the server's ONEDNN_PRIMITIVE_CACHE_CAPACITY (oneDNN's default: 1024)",
+    )
     parser.add_argument("--server-log", type=Path, help="write the server's output here")
     args = parser.parse_args()
     model = str(build_tiny_model(REPO / ".cache" / "tiny-models" / args.arch, args.arch))
     requests = soak_requests(args.requests, args.disconnect_fraction, args.seed)
     results = soak(
-        model, args.dtype, requests, args.concurrency, args.server_log, warm_up=args.warm_up
+        model,
+        args.dtype,
+        requests,
+        args.concurrency,
+        args.server_log,
+        warm_up=args.warm_up,
+        onednn_cache=args.onednn_cache_capacity,
     )
     print(table(results))
     for run in results:

@@ -18,8 +18,12 @@ process's memory after the warm-up and after each round (`/proc/<pid>/status`):
 Printed per configuration: a table of each process's RSS (anon) after the warm-up and
 after each round, its mean growth per round from the end of round 1 on and its growth in
 the last round. `--env` adds variables to the server's environment (another allocator:
-`LD_PRELOAD=...`). Outputs are not checked against stock vLLM (benchmarks/soak.py does
-that). Results: docs/benchmarks.md, "Resident memory over longer runs". Configurations:
+`LD_PRELOAD=...`; oneDNN's primitive cache capped: `ONEDNN_PRIMITIVE_CACHE_CAPACITY=16`,
+as benchmarks/soak.py runs its server). Without it the servers run with oneDNN's default
+cache (1024 primitives, a new one per batch token count and linear layer shape), whose
+filling is the workers' growth. Outputs are not checked against stock vLLM
+(benchmarks/soak.py does that). Results: docs/benchmarks.md, "Resident memory over longer
+runs". Configurations:
 
     wideep-dp2    the soak server: --enable-wideep --data-parallel-size 2, 2 redundant
                   slots, a new placement every 4 steps (benchmarks/soak.py `SERVE`)
