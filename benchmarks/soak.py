@@ -27,8 +27,9 @@ after the first 400 requests (0.0 to 2.4 MiB per worker per 400, 0.0 to 0.3 in t
 four of 10 rounds; benchmarks/soak_memory.py, docs/benchmarks.md "Resident memory over
 longer runs"), so growth left in the soak's RSS is not that cache. The cap costs a
 primitive rebuild at most batch sizes (0.44 ms per `onednn_mm` call against 0.13 ms,
-tiny-model shapes, one thread); the plugin itself sets nothing. The 2000 warm-up requests
-(chosen before the cap) are kept.
+tiny-model shapes, one thread); the plugin itself sets nothing. With the cap the workers
+still grow by 24 to 28 MiB in their first 400 requests; the 2000 warm-up requests put the
+RSS start well past that.
 
     clean          the requests as drawn
     bad transfer   `wideep_fault_drill` armed on every EP rank first (the next expert
@@ -97,8 +98,8 @@ VOCABULARY = " ".join(WORDS).split(" ")
 MAX_PROMPT_WORDS = 64
 OUTPUT_TOKENS = (4, 64)
 REQUEST_TIMEOUT_S = 180
-# Warm-up requests of the command line (chosen before the cache cap below, when the workers'
-# RSS grew by 30 to 45 MiB each in the first 400 requests; docs/benchmarks.md, soak section).
+# Warm-up requests of the command line: even with the cache cap below, each worker's RSS
+# grows by 24 to 28 MiB in its first 400 requests (docs/benchmarks.md, soak section).
 WARM_UP_REQUESTS = 2000
 # oneDNN primitive cache entries of the server's processes (ONEDNN_PRIMITIVE_CACHE_CAPACITY;
 # oneDNN's default 1024): a primitive per batch size and linear layer shape, 0.38 MiB each
