@@ -111,8 +111,8 @@ class WideEPConfig:
         metadata={
             "help": "'on': move a layer's expert weights while the next forward pass runs "
             "and switch to them at the step after. 'off': the step that begins a move "
-            "waits for it. 'auto': on with GPUs, off on CPU (where the copies and the "
-            "forward pass share the cores: overlapping measured slower)."
+            "waits for it. 'auto': on (a step then holds half a move: on CPU the longest "
+            "pause a rebalance added halved, at the same throughput)."
         },
     )
     eplb_stats: EplbStats = field(

@@ -51,13 +51,14 @@ def _skewed_step(balancer: Balancer, layer: ExpertSlots, hot: int) -> None:
 
 
 def _plan_and_take(balancer: Balancer, layer: ExpertSlots, hot: int) -> None:
-    """Step until a plan starts (the interval), then until every rank took it: the step
-    that takes a plan begins its moves and, without overlap, finishes them. The ranks
-    vote on the plan each step, so all take it at the same step however long it took."""
+    """Step until a plan starts (the interval), then until every rank took it and moved
+    its layers: the step after the one that takes a plan begins its moves and, without
+    overlap, finishes them. The ranks vote on the plan each step, so all take it at the
+    same step however long it took."""
     _skewed_step(balancer, layer, hot)
     while balancer.planning is None:
         _skewed_step(balancer, layer, hot)
-    while balancer.planning is not None:
+    while balancer.planning is not None or balancer.moving:
         _skewed_step(balancer, layer, hot)
 
 

@@ -16,10 +16,13 @@ from vllm_wideep.eplb import mover
 from vllm_wideep.eplb.balancer import Balancer, staging_sets
 from vllm_wideep.eplb.location import ExpertSlots, home_placement
 from vllm_wideep.eplb.mover import (
+    MovesRefused,
     StagingPool,
     apply_moves,
     begin_moves,
+    begin_moves_batch,
     finish_moves,
+    finish_moves_batch,
     plan_moves,
 )
 from vllm_wideep.eplb.policy import plan_placement
@@ -76,6 +79,48 @@ def _failed_verification_keeps_old_weights(rank, world_size):
     _check_weights(weights, new[mine], layer=0)
 
 
+def _layers_moved_together(rank, world_size):
+    """Three layers begun and finished together: one all-reduce at the beginning (the
+    vote and the checksums), one at the end (the verdicts), whatever the layer count; a
+    layer one rank cannot prepare (layer 1) and a layer whose transfer arrives altered
+    (layer 0) each keep their old placement on every rank, layer 2 commits."""
+    slots_per_rank = NUM_EXPERTS // world_size + 1
+    mine = slice(rank * slots_per_rank, (rank + 1) * slots_per_rank)
+    old = home_placement(NUM_EXPERTS, world_size, slots_per_rank)
+    new = old.roll(slots_per_rank)  # every slot changes, all by P2P
+    weights = [_tagged(old[mine], layer, torch.float32) for layer in range(3)]
+    plan = plan_moves(old, new, slots_per_rank)
+    prepare, all_reduce = mover._prepare, dist.all_reduce
+    calls = []
+
+    def failing_prepare(plan, weights_, *args):
+        if rank == world_size - 1 and weights_ is weights[1]:  # stand-in for an OOM
+            raise torch.OutOfMemoryError("staging layer 1")
+        return prepare(plan, weights_, *args)
+
+    def counted_all_reduce(*args, **kwargs):
+        calls.append(args[0].shape)
+        return all_reduce(*args, **kwargs)
+
+    mover._prepare, dist.all_reduce = failing_prepare, counted_all_reduce
+    try:
+        begun = begin_moves_batch(
+            [(plan, w, None) for w in weights], rank, world_size, dist.group.WORLD
+        )
+        assert len(calls) == 1, calls  # the vote and the checksums: [3 + 3 * N * 2]
+        assert isinstance(begun[1], MovesRefused)
+        if rank == world_size - 1:  # the first slot it verifies next (layer 0's) altered
+            mover.drill_corrupt_next_receive()
+        verdicts = finish_moves_batch([begun[0], begun[2]])
+        assert len(calls) == 2, calls  # one vote for both layers
+    finally:
+        mover._prepare, dist.all_reduce = prepare, all_reduce
+    assert verdicts == [False, True]
+    _check_weights(weights[0], old[mine], 0)
+    _check_weights(weights[1], old[mine], 1)
+    _check_weights(weights[2], new[mine], 2)
+
+
 def _balancer_moves_weights_and_tables(rank, world_size, overlap):
     """Two layers, skewed load, re-plan every 2 steps, one layer moved per step; with
     `overlap` a layer begun at one step is committed at the next."""
@@ -98,7 +143,7 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
         eplb_window=4,
         eplb_overlap="on" if overlap else "off",
     )
-    staging = StagingPool.reserve(layers[0].weights, staging_sets(config, torch.device("cpu")))
+    staging = StagingPool.reserve(layers[0].weights, staging_sets(config))
     balancer = Balancer(layers, config, dist.group.WORLD, staging=staging)
     gen = torch.Generator().manual_seed(rank)
     hot = torch.tensor([[5, 5, 5, 5], [2, 2, 7, 7]])  # per layer, this step's hot experts
@@ -116,8 +161,11 @@ def _balancer_moves_weights_and_tables(rank, world_size, overlap):
     for _ in range(2):  # step 2 starts planning (in a thread on rank 0)
         routed_step()
     assert balancer.planning is not None and not balancer.moving
-    while balancer.planning is not None:  # the step that takes the plan begins layer 0
+    while balancer.planning is not None:  # the step that takes the plan moves nothing
         routed_step()
+    assert balancer.pending == [0, 1] and not balancer.in_flight
+    whole(0), whole(1)
+    routed_step()  # begins layer 0 (one layer per step)
     assert balancer.pending == [1]  # layer 1 waits for the next step
     assert torch.equal(layers[1].physical_to_logical, home)
     if overlap:  # layer 0 in flight: the next forward pass still sees its old placement
@@ -185,7 +233,7 @@ def _slow_plan_does_not_stall_the_steps(rank, world_size):
     balancer_module.plan_placement = slow
     try:
         longest, steps = 0.0, 0
-        while balancer.planning is not None or steps < 2:
+        while balancer.planning is not None or balancer.moving or steps < 2:
             ids = torch.tensor([[3]] * 8 + [[e] for e in range(NUM_EXPERTS)])
             layer.route(ids, torch.randn(len(ids), 8))
             start = time.monotonic()
@@ -214,6 +262,11 @@ def test_any_sequence_of_plans_puts_every_expert_in_its_slots(world_size):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_a_corrupt_transfer_keeps_the_old_placement_on_every_rank(world_size):
     run_ranks(_failed_verification_keeps_old_weights, world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_layers_moved_together_share_collectives_and_fail_alone(world_size):
+    run_ranks(_layers_moved_together, world_size)
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])

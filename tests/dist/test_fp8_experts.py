@@ -71,7 +71,7 @@ def _moves_carry_the_scales(rank, world_size):
     x = torch.randn(6, HIDDEN, generator=gen)
     topk_weights = torch.rand(6, TOP_K, generator=gen)
     placements = set()
-    for step in range(6):  # a different hot expert each step: a new placement each time
+    for step in range(12):  # a different hot expert each step: a new placement every 3+ steps
         hot = torch.full((16, 1), step % NUM_EXPERTS)
         ids = torch.cat([hot, torch.arange(NUM_EXPERTS)[:, None]])
         slots.route(ids, torch.randn(len(ids), 8))
@@ -85,7 +85,10 @@ def _moves_carry_the_scales(rank, world_size):
             x, weights[0], weights[1], topk_weights, ids, backend="torch", cache=cache, fp8=fp8
         )
         expected = _reference(x, ids, topk_weights, expert_of_slot)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+        # float32 against float64: error relative to the output's scale (experts scaled up
+        # to 8x make a few outputs near 0 the difference of large terms).
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5 * scale)
     counter = balancer.counters[0]
     assert counter.failures == 0 and counter.rebalances >= 3 and len(placements) >= 3
 

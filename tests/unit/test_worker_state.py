@@ -72,16 +72,16 @@ def test_balancer_is_built_over_the_registered_layers(monkeypatch):
 
 def test_online_rebalancing_reserves_staging_once(monkeypatch):
     """With online rebalancing the first layer reserves the moves' staging rows (layers
-    per step in flight, S slots of each slot tensor), which the balancer then uses;
-    without it nothing is reserved."""
+    per step in flight, twice with overlapped moves, S slots of each slot tensor), which
+    the balancer then uses; without it nothing is reserved."""
     monkeypatch.setattr(state, "_current", None)
     monkeypatch.setattr(state, "on_first_layer", [])
     engine = object()
     online = WideEPConfig(enabled=True, eplb="online", eplb_layers_per_step=3)
     worker = state.register_layer(engine, online, _slots("a"), TrafficCounters())
     pool = worker.staging
-    assert pool is not None and pool.buffers[0].shape == (3, 3, 2, 3)  # CPU: no overlap
-    assert pool.nbytes == 3 * 3 * 6 * 4
+    assert pool is not None and pool.buffers[0].shape == (6, 3, 2, 3)  # overlap: 2 x 3 sets
+    assert pool.nbytes == 6 * 3 * 6 * 4
     state.register_layer(engine, online, _slots("b"), TrafficCounters())
     assert worker.staging is pool, "reserved once for every layer"
     assert worker.balancer_or_none(lambda: None).staging is pool

@@ -12,14 +12,16 @@ the same steps):
                      in a thread (`plan_placement`, keeping experts where they are when
                      that is free) and the steps go on
     while planning:  every rank votes whether rank 0's plan is ready (an all-reduce MIN);
-                     once it is, rank 0 broadcasts it, the layers whose placement changed
-                     become pending, and the same step begins moving
-    while pending:   begin moving `eplb_layers_per_step` layers: the transfers run during
-                     the forward pass of the next step, which still reads the old weights
+                     once it is, rank 0 broadcasts it and the layers whose placement
+                     changed become pending
+    while pending:   from the next step on, begin moving `eplb_layers_per_step` layers,
+                     together (one vote, one checksum all-reduce, one batch of transfers
+                     for all of them): the transfers run during the forward pass of the
+                     next step, which still reads the old weights
 
 So a plan costs a step no more than a vote (the policy runs beside the forward passes),
-a layer's weights travel while the next forward pass computes (`eplb_overlap`, on with
-GPUs; off, a layer is finished in the step that begins it), and every forward pass sees
+a layer's weights travel while the next forward pass computes (`eplb_overlap`, on by
+default; off, a layer is finished in the step that begins it), and every forward pass sees
 each layer's old placement whole or its new one whole. The balancer's collectives run on
 a process group of their own: with NCCL its own communicator and stream, so the transfers
 do not queue behind the forward pass's token exchange. Every rank issues them in the same
@@ -48,8 +50,8 @@ from vllm_wideep.eplb.mover import (
     MovesRefused,
     StagingPool,
     agree,
-    begin_moves,
-    finish_moves,
+    begin_moves_batch,
+    finish_moves_batch,
     plan_moves,
 )
 from vllm_wideep.eplb.placement import Placement
@@ -111,17 +113,19 @@ class Planning:
         return self.thread is None or not self.thread.is_alive()
 
 
-def moves_overlap(config: WideEPConfig, device: torch.device) -> bool:
-    """Whether a layer's moves run across a step boundary (`eplb_overlap`, auto: on GPUs)."""
-    return config.eplb_overlap == "on" or (config.eplb_overlap == "auto" and device.type == "cuda")
+def moves_overlap(config: WideEPConfig) -> bool:
+    """Whether a layer's moves run across a step boundary (`eplb_overlap`; auto: on, on
+    every device: a step then holds half a move, so the longest pause a rebalance adds
+    halves, docs/load-balancing.md)."""
+    return config.eplb_overlap in ("on", "auto")
 
 
-def staging_sets(config: WideEPConfig, device: torch.device, num_layers: int | None = None) -> int:
+def staging_sets(config: WideEPConfig, num_layers: int | None = None) -> int:
     """Layers whose moves can hold staging rows at once: `eplb_layers_per_step` (at most
     `num_layers`, the MoE layers there can be), twice that when moves overlap a step (the
     layers being committed while the next begin)."""
     layers = min(config.eplb_layers_per_step, num_layers or config.eplb_layers_per_step)
-    return layers * (2 if moves_overlap(config, device) else 1)
+    return layers * (2 if moves_overlap(config) else 1)
 
 
 @dataclass
@@ -163,7 +167,7 @@ class Balancer:
             first.step_counts.device,
         )
         self.counters = [LayerCounters() for _ in self.layers]
-        self.overlap = moves_overlap(self.config, first.weights[0].device)
+        self.overlap = moves_overlap(self.config)
 
     @property
     def layer_names(self) -> list[str]:
@@ -194,11 +198,10 @@ class Balancer:
         elif not self.pending and self.steps % self.config.eplb_interval == 0:
             self._start_plan()
             busy = True
-        if self.pending:
+        elif self.pending:  # not in the step that took the plan: one step's pause each
             todo = self.pending[: self.config.eplb_layers_per_step]
             self.pending = self.pending[len(todo) :]
-            for index in todo:
-                self._begin(index)
+            self._begin(todo)
             if not self.overlap:
                 self._finish()
         self.step_times.add(busy, time.perf_counter() - start)
@@ -287,38 +290,48 @@ class Balancer:
             len(self.layers),
         )
 
-    def _begin(self, index: int) -> None:
-        layer, counter = self.layers[index], self.counters[index]
+    def _begin(self, indices: list[int]) -> None:
+        """Begin these layers' moves together (`begin_moves_batch`: one vote, one checksum
+        all-reduce, one batch of transfers for all)."""
         start = time.perf_counter()
-        plan = plan_moves(layer.physical_to_logical, self.target[index], self.slots_per_rank)
         # The pool's sets go round; this step's layers (`in_flight`) may take at most
         # their share, so no set is reused while its layer, or last step's, still needs it.
         pool = self.staging
-        staging = None
         per_step = 0 if pool is None else pool.sets // (2 if self.overlap else 1)
-        if len(self.in_flight) < per_step and pool.fits(layer.weights):
-            staging = pool.take()
+        batch = []
+        for index in indices:
+            layer = self.layers[index]
+            plan = plan_moves(layer.physical_to_logical, self.target[index], self.slots_per_rank)
+            staging = None
+            if len(self.in_flight) + len(batch) < per_step and pool.fits(layer.weights):
+                staging = pool.take()
+            batch.append((plan, layer.weights, staging))
         try:
-            moves = begin_moves(
-                plan, layer.weights, self.rank, self.num_ranks, self.own_group, staging
-            )
-        except MovesRefused as refused:  # every rank refused together: keep the old placement
-            self._failed(index, refused)
+            begun = begin_moves_batch(batch, self.rank, self.num_ranks, self.own_group)
         except RuntimeError as error:  # the group itself failed (a dead or stalled peer)
-            raise self._group_failed(f"moving {layer.layer_name}'s experts", error) from error
-        else:
-            self.in_flight.append((index, moves))
-        counter.seconds += time.perf_counter() - start
+            raise self._group_failed(f"moving {self._names(indices)}'s experts", error) from error
+        seconds = (time.perf_counter() - start) / len(indices)
+        for index, moves in zip(indices, begun, strict=True):
+            self.counters[index].seconds += seconds
+            if isinstance(moves, MovesRefused):  # every rank refused it: keep its placement
+                self._failed(index, moves)
+            else:
+                self.in_flight.append((index, moves))
 
     def _finish(self) -> None:
-        """Finish every begun layer (collectives, in the order they were begun)."""
-        for index, moves in self.in_flight:
+        """Finish every begun layer (`finish_moves_batch`: one vote for all)."""
+        if not self.in_flight:
+            return
+        start = time.perf_counter()
+        indices = [index for index, _ in self.in_flight]
+        try:
+            verdicts = finish_moves_batch([moves for _, moves in self.in_flight])
+        except RuntimeError as error:
+            raise self._group_failed(f"moving {self._names(indices)}'s experts", error) from error
+        seconds = (time.perf_counter() - start) / len(indices)
+        for (index, moves), ok in zip(self.in_flight, verdicts, strict=True):
             layer, counter = self.layers[index], self.counters[index]
-            start = time.perf_counter()
-            try:
-                ok = finish_moves(moves)
-            except RuntimeError as error:
-                raise self._group_failed(f"moving {layer.layer_name}'s experts", error) from error
+            counter.seconds += seconds
             if ok:
                 layer.set_placement(self.target[index])
                 counter.rebalances += 1
@@ -326,8 +339,10 @@ class Balancer:
                 counter.moved_bytes += len(moves.plan.received(self.rank)) * slot_bytes
             else:
                 self._failed(index, "a moved slot failed verification")
-            counter.seconds += time.perf_counter() - start
         self.in_flight = []
+
+    def _names(self, indices: list[int]) -> str:
+        return ", ".join(self.layers[i].layer_name for i in indices)
 
     def _group_failed(self, what: str, error: Exception) -> RuntimeError:
         """The error that stops the engine when a collective itself failed (a dead or

@@ -116,8 +116,7 @@ def _reserve_staging(
     """Staging rows for `staging_sets` layers in flight, each S slots of every slot tensor
     of `slots` (the model's MoE layers share one shape; a layer that differs allocates its
     own at each move)."""
-    device = slots.weights[0].device
-    pool = StagingPool.reserve(slots.weights, staging_sets(config, device, num_layers))
+    pool = StagingPool.reserve(slots.weights, staging_sets(config, num_layers))
     logger.info(
         "vllm_wideep: EP rank %d reserved %.1f MiB for expert-move staging (%d layers in "
         "flight x %d slots x %d tensors)",
