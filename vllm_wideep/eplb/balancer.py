@@ -14,10 +14,10 @@ the same steps):
     while planning:  every rank votes whether rank 0's plan is ready (an all-reduce MIN);
                      once it is, rank 0 broadcasts it and the layers whose placement
                      changed become pending
-    while pending:   from the next step on, begin moving `eplb_layers_per_step` layers,
-                     together (one vote, one checksum all-reduce, one batch of transfers
-                     for all of them): the transfers run during the forward pass of the
-                     next step, which still reads the old weights
+    while pending:   from the next step on, begin moving `eplb_layers_per_step` layers
+                     together (one all-reduce with the vote and the checksums, one batch
+                     of transfers for all of them): the transfers run during the forward
+                     pass of the next step, which still reads the old weights
 
 So a plan costs a step no more than a vote (the policy runs beside the forward passes),
 a layer's weights travel while the next forward pass computes (`eplb_overlap`, on by
@@ -291,8 +291,8 @@ class Balancer:
         )
 
     def _begin(self, indices: list[int]) -> None:
-        """Begin these layers' moves together (`begin_moves_batch`: one vote, one checksum
-        all-reduce, one batch of transfers for all)."""
+        """Begin these layers' moves together (`begin_moves_batch`: one all-reduce with the
+        vote and the checksums, one batch of transfers for all)."""
         start = time.perf_counter()
         # The pool's sets go round; this step's layers (`in_flight`) may take at most
         # their share, so no set is reused while its layer, or last step's, still needs it.

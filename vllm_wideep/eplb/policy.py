@@ -207,6 +207,13 @@ def _twice_on_rank(bins: np.ndarray) -> np.ndarray:
     return out
 
 
+def _has_twice_on_rank(bins: np.ndarray) -> np.ndarray:
+    """bins: `[B, R, S]` expert ids -> `[B]` bool, whether some rank of the row holds an
+    expert in two slots."""
+    ranked = np.sort(bins, axis=2)  # two copies on a rank sit side by side
+    return (ranked[..., 1:] == ranked[..., :-1]).any(axis=(1, 2))
+
+
 def _argsort_rows(a: np.ndarray) -> np.ndarray:
     """`[B, n]` float -> `[B, n]` int64, a stable argsort along axis 1 (ties: lower index
     first). numpy's stable sort is about 3x slower than its default one; rank loads
@@ -349,9 +356,7 @@ def _pack_rounds(w: np.ndarray, count: np.ndarray, num_ranks: int, slots_per_ran
         cols[t][rows, rank] = e
         rank_load[rows, rank] += item_share[:, t]
     bins = np.ascontiguousarray(cols.transpose(1, 2, 0))  # [B, R, S]
-    ranked = np.sort(bins, axis=2)  # a copy of an expert twice on a rank sits side by side
-    clash = (ranked[..., 1:] == ranked[..., :-1]).any(axis=(1, 2))
-    return bins, clash
+    return bins, _has_twice_on_rank(bins)
 
 
 def _pack(share: np.ndarray, experts: np.ndarray, bins: np.ndarray) -> None:
@@ -584,7 +589,7 @@ def _keep(w: np.ndarray, fresh: np.ndarray, bound: np.ndarray, old: np.ndarray) 
     both_peak = _rank_load(w[layer], both).max(axis=1)
     both_moved = (both != old[layer]).sum(axis=(1, 2)).astype(np.float64)
     if slots_per_rank <= num_experts:  # a second copy on a rank is avoidable
-        both_moved[_twice_on_rank(both).any(axis=(1, 2))] = np.inf
+        both_moved[_has_twice_on_rank(both)] = np.inf
     repairs = []
     for part, rows in ((slice(0, len(mine)), mine), (slice(len(mine), None), slice(None))):
         repaired = old[todo].copy()
