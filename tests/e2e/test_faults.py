@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 TIMEOUT_S = 20
 SERVE = ["--enable-wideep", "--data-parallel-size", "2", "--api-server-count", "1"]
 SERVE += ["--wideep-eplb", "online", "--wideep-eplb-interval", "4"]
-SERVE += ["--wideep-redundant-experts", "2", "--dtype", "float32", "--max-model-len", "256"]
+SERVE += ["--wideep-redundant-experts", "2", "--dtype", "float32", "--max-model-len", "2048"]
 SERVE += ["--enforce-eager", "--served-model-name", "tiny"]
 SERVE += ["--distributed-timeout-seconds", str(TIMEOUT_S)]
 SERVE += ["--cpu-distributed-timeout-seconds", str(TIMEOUT_S)]
@@ -43,6 +43,10 @@ TIMEOUT_CAUSE = re.compile(
 )
 ENGINE_DIED = "vllm_wideep: the engine died while serving"
 DRAIN_S = 10
+# Long enough that the request is still decoding when the engine core is stopped, however
+# late the test thread gets there on a loaded machine: a finished request leaves both
+# engines idle, with no collective to time out (200 tokens sometimes ended first).
+MAX_TOKENS = 2000
 
 
 class Stream:
@@ -100,10 +104,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _wait_until(condition, timeout: float, what: str) -> None:
+def _wait_until(condition, timeout: float, what: str, server: Server) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{what} not within {timeout} s; the server's log ends:\n{server.output()[-6000:]}"
+            )
         time.sleep(0.2)
 
 
@@ -122,14 +129,14 @@ def _left_after(group: int, seconds: float) -> list[tuple[int, str, str]]:
 def test_a_stopped_engine_core_stops_the_server_and_leaves_no_process(tiny_model):
     with Server(tiny_model("qwen3_moe"), SERVE, e2e_env(num_ranks=2)) as server:
         group = server.proc.pid
-        stream = Stream(server.url, max_tokens=200)
-        _wait_until(lambda: stream.tokens >= 8 or stream.error, 120, "8 streamed tokens")
+        stream = Stream(server.url, max_tokens=MAX_TOKENS)
+        _wait_until(lambda: stream.tokens >= 8 or stream.error, 120, "8 streamed tokens", server)
         assert stream.error is None and stream.finish_reason is None, vars(stream)
         frozen = _engine_core(group, dp_rank=1)
         os.kill(frozen.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         limit = TIMEOUT_S + 30
-        _wait_until(lambda: not _healthy(server.url), limit, "/health failing")
+        _wait_until(lambda: not _healthy(server.url), limit, "/health failing", server)
         try:
             exit_code = server.proc.wait(timeout=max(1, stopped_at + limit - time.monotonic()))
         except subprocess.TimeoutExpired:
