@@ -3,7 +3,7 @@ wide EP against stock vLLM.
 
     python benchmarks/soak_memory.py [--configs wideep-dp2,wideep-tp2,stock-tp2,stock-tp1]
         [--rounds 5] [--requests 400] [--concurrency 32] [--warm-up 64] [--arch qwen3_moe]
-        [--dtype float32] [--env NAME=VALUE ...] [--out rss.json]
+        [--dtype float32] [--env NAME=VALUE ...] [--by-mapping] [--out rss.json]
 
 For each configuration (`CONFIGS`) it starts the server on the tiny checkpoint, sends
 `--warm-up` requests, then `--rounds` rounds of `--requests` requests (the traffic of
@@ -19,9 +19,13 @@ Printed per configuration: a table of each process's RSS (anon) after the warm-u
 after each round, its mean growth per round from the end of round 1 on and its growth in
 the last round. `--env` adds variables to the server's environment (another allocator:
 `LD_PRELOAD=...`; oneDNN's primitive cache capped: `ONEDNN_PRIMITIVE_CACHE_CAPACITY=16`,
-as benchmarks/soak.py runs its server). Without it the servers run with oneDNN's default
-cache (1024 primitives, a new one per batch token count and linear layer shape), whose
-filling is the workers' growth. Outputs are not checked against stock vLLM
+as benchmarks/soak.py runs its server; glibc's `MALLOC_MMAP_THRESHOLD_=131072`). Without
+it the servers run with oneDNN's default cache (1024 primitives, a new one per batch token
+count and linear layer shape), whose filling is the workers' growth. `--by-mapping` also
+prints where each worker's RSS grew in each round, by kind of mapping
+(`/proc/<pid>/smaps`): `[heap]` (glibc's main arena, grown with brk: freed memory goes
+back to the system only from its top), anonymous mappings (other arenas, large blocks,
+thread stacks) and files. Outputs are not checked against stock vLLM
 (benchmarks/soak.py does that). Results: docs/benchmarks.md, "Resident memory over longer
 runs". Configurations:
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import sys
@@ -89,6 +94,21 @@ def process_memory(group: int) -> dict[str, dict[str, float]]:
     return memory
 
 
+def rss_by_mapping(pid: int) -> dict[str, float]:
+    """`pid`'s resident MiB by kind of mapping (`/proc/<pid>/smaps`): "[heap]", "anonymous",
+    "files", and the kernel's other named ones ("[stack]", ...)."""
+    kib: dict[str, int] = {}
+    kind = "anonymous"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # "start-end perms offset dev inode [path]"
+            path = fields[5] if len(fields) > 5 else ""
+            kind = path if path.startswith("[") else ("files" if path else "anonymous")
+        elif fields[0] == "Rss:":
+            kib[kind] = kib.get(kind, 0) + int(fields[1])
+    return {kind: size / 1024 for kind, size in kib.items()}
+
+
 def measure(config: ServeConfig, model: str, dtype: str, args: argparse.Namespace) -> dict:
     """Samples after the warm-up and after each round: [{"requests", "seconds", "load",
     "memory"}]."""
@@ -117,6 +137,8 @@ def measure(config: ServeConfig, model: str, dtype: str, args: argparse.Namespac
                 "load": os.getloadavg()[0],
                 "memory": process_memory(server.proc.pid),
             }
+            if args.by_mapping:
+                sample["mappings"] = worker_mappings(server.proc.pid)
             samples.append(sample)
             total = sum(m["rss"] for m in sample["memory"].values())
             print(
@@ -130,6 +152,32 @@ def measure(config: ServeConfig, model: str, dtype: str, args: argparse.Namespac
         "env": extra,
         "samples": samples,
     }
+
+
+def worker_mappings(group: int) -> dict[str, dict[str, float]]:
+    """`rss_by_mapping` of each worker of the group, by `named_processes` name."""
+    mappings = {}
+    for name, process in named_processes(group).items():
+        if "Worker" in name:
+            with contextlib.suppress(OSError):
+                mappings[name] = rss_by_mapping(process.pid)
+    return mappings
+
+
+def mapping_table(run: dict) -> str:
+    """Each worker's RSS growth in each round by kind of mapping (MiB)."""
+    samples = run["samples"]
+    lines = ["| worker | mapping | growth per round |", "|---|---|---|"]
+    for worker in sorted(samples[0]["mappings"]):
+        per_sample = [s["mappings"].get(worker, {}) for s in samples]
+        for kind in sorted({kind for mappings in per_sample for kind in mappings}):
+            sizes = [mappings.get(kind, 0.0) for mappings in per_sample]
+            growths = [b - a for a, b in itertools.pairwise(sizes)]
+            if kind.startswith("[") and kind != "[heap]" and not any(growths):
+                continue  # [stack], [vdso], ... unchanged
+            growth = " ".join(f"{g:+.1f}" for g in growths)
+            lines.append(f"| {worker} | {kind} | {growth} |")
+    return "\n".join(lines)
 
 
 def table(run: dict) -> str:
@@ -168,12 +216,17 @@ def main() -> None:
         default=[],
         help="NAME=VALUE for the server's environment (repeatable)",
     )
+    parser.add_argument(
+        "--by-mapping", action="store_true", help="each worker's growth by kind of mapping"
+    )
     parser.add_argument("--out", type=Path, help="append each configuration's samples (JSON)")
     args = parser.parse_args()
     model = str(build_tiny_model(REPO / ".cache" / "tiny-models" / args.arch, args.arch))
     for name in args.configs.split(","):
         run = measure(CONFIGS[name], model, args.dtype, args)
         print(table(run), flush=True)
+        if args.by_mapping:
+            print(mapping_table(run), flush=True)
         if args.out is not None:
             with args.out.open("a") as out:
                 out.write(json.dumps(run) + "\n")

@@ -1,13 +1,17 @@
 """The serving benchmark's parsing and tables on a canned `vllm bench serve` result (no
-servers), and the MoE layer profile's CPU path at a tiny shape."""
+servers), the soak memory benchmark's per-mapping RSS, and the MoE layer profile's and the
+balancer benchmarks' CPU paths at tiny shapes."""
 
 import argparse
 import math
+import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 
-from benchmarks import serve
+from benchmarks import serve, soak_memory
 
 # The fields of a `vllm bench serve --save-result` JSON that benchmarks/serve.py reads
 # (run with --percentile-metrics ttft,tpot,itl --metric-percentiles 50,90,99).
@@ -47,6 +51,24 @@ def test_serve_arguments():
         serve.parse_configs("stock-tp1,wideep-ep4")
     with pytest.raises(argparse.ArgumentTypeError, match="positive"):
         serve.parse_rates("0,2")
+
+
+def test_rss_by_mapping_adds_up_to_the_process_rss():
+    by_kind = soak_memory.rss_by_mapping(os.getpid())
+    status = Path("/proc/self/status").read_text()
+    vm_rss_mib = int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024
+    assert {"[heap]", "anonymous", "files"} <= set(by_kind)
+    assert sum(by_kind.values()) == pytest.approx(vm_rss_mib, abs=1)
+    run = {
+        "samples": [
+            {"mappings": {"w": {"[heap]": 8.0, "files": 3.0}}},
+            {"mappings": {"w": {"[heap]": 9.5, "files": 3.0}}},
+        ]
+    }
+    assert soak_memory.mapping_table(run).splitlines()[2:] == [
+        "| w | [heap] | +1.5 |",
+        "| w | files | +0.0 |",
+    ]
 
 
 def test_serve_configs_flags():
