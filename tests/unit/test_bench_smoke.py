@@ -58,7 +58,8 @@ def test_rss_by_mapping_adds_up_to_the_process_rss():
     status = Path("/proc/self/status").read_text()
     vm_rss_mib = int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024
     assert {"[heap]", "anonymous", "files"} <= set(by_kind)
-    assert sum(by_kind.values()) == pytest.approx(vm_rss_mib, abs=1)
+    # the two reads are moments apart, and reading smaps itself allocates
+    assert sum(by_kind.values()) == pytest.approx(vm_rss_mib, rel=0.02)
     run = {
         "samples": [
             {"mappings": {"w": {"[heap]": 8.0, "files": 3.0}}},
