@@ -133,7 +133,7 @@ def verify(staged: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:
 class MovesInFlight:
     """One layer's moves between `begin_moves` and `finish_moves`: staged rows (one per
     incoming move) being filled by local copies and P2P receives, and the sources'
-    checksums being all-reduced (layers begun together share the requests)."""
+    checksums, already all-reduced (layers begun together share the P2P requests)."""
 
     plan: MovePlan
     weights: list[torch.Tensor]
@@ -142,7 +142,7 @@ class MovesInFlight:
     group: dist.ProcessGroup | None
     staged: list[torch.Tensor]  # per weight tensor: [len(incoming), ...]
     sources: torch.Tensor  # [N, 2] int64, slot checksums of the move sources
-    works: list  # outstanding P2P and all-reduce requests (of every layer begun with it)
+    works: list  # outstanding P2P requests (of every layer begun with it)
     stream: torch.cuda.Stream | None  # side stream of the local copies (GPU)
 
 
